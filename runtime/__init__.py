@@ -1,0 +1,20 @@
+"""The runtime: layouts, ops and executors.  It knows nothing of passes or the API.
+
+Importing it registers ``torch.ops.sparsify.*``.  It never fails for lack of
+CUDA: without a driver the CPU (reference) executor runs everything.
+"""
+
+from .executors import executor_for, register_executor
+from .layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
+from .ops import ACTIVATIONS, bsmm, bsmm_dw, bsmm_dx
+
+__all__ = [
+    "ACTIVATIONS",
+    "BlockSparseLayout",
+    "SUPPORTED_BLOCK_SIZES",
+    "bsmm",
+    "bsmm_dw",
+    "bsmm_dx",
+    "executor_for",
+    "register_executor",
+]

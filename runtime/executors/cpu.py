@@ -1,0 +1,215 @@
+"""The CPU executor: the reference implementation of the block-sparse ops.
+
+It is written with plain torch ops, so it also runs on devices that have no
+kernel executor.  For each call it picks the fastest correct path by a cost
+model fitted to measurements on CPUs (``python -m sparsify.bench bsmm``):
+
+* ``dense``  - multiply by the materialized weight.  When the caller passes
+  ``static_weight=True`` (modules do in eval mode) and grad is off, the
+  materialized weight is cached on the ``values`` tensor itself, keyed by its
+  version counter, so inference pays for it once.  Otherwise it is rebuilt on
+  every call: writes through ``.data`` (gradcheck, old pruning code) bypass the
+  version counter.  ``clear_dense_cache(values)`` drops a cached copy.
+* ``bsr``    - torch's BSR sparse x dense matmul (MKL-backed on CPU).
+* ``gather`` - gather the input blocks each stored block needs and run one
+  batched matmul over the stored blocks (best for a few rows of input).
+
+``SPARSIFY_CPU_PATH=dense|bsr|gather`` forces one path (used by the tests to
+prove each path correct).  No path is a Python loop over blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CPUExecutor", "apply_epilogue", "clear_dense_cache", "ACTIVATIONS"]
+
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+# Above this density the dense path wins at every batch size we measured; below
+# it, BSR wins for many rows and gather for a few.
+DENSE_ABOVE_DENSITY = 0.3
+GATHER_MAX_ROWS = 16
+# torch's CPU BSR matmul supports these dtypes.
+_BSR_DTYPES = (torch.float32, torch.float64)
+# Upper bound on the temporaries of the gather paths (bytes).
+_GATHER_BYTES = 64 << 20
+
+_PATHS = ("dense", "bsr", "gather")
+
+# torch warns on every BSR construction that the format is in beta; we use it
+# deliberately and test it, so the warning says nothing to our users.
+warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta state", category=UserWarning)
+
+
+def apply_epilogue(y: torch.Tensor, bias, residual, activation: str) -> torch.Tensor:
+    """``act(y + bias) + residual``, in place on ``y`` where that is safe."""
+    if bias is not None:
+        y = y.add_(bias)
+    if activation == "relu":
+        y = y.relu_()
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu":
+        y = F.silu(y)
+    elif activation != "none":
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    if residual is not None:
+        y = y.add_(residual)
+    return y
+
+
+def _density(meta, n_block_rows: int, n_block_cols: int) -> float:
+    return meta.col_indices.numel() / max(1, n_block_rows * n_block_cols)
+
+
+def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
+    """The cost model: which path is fastest for ``rows`` input rows at ``density``."""
+    forced = os.environ.get("SPARSIFY_CPU_PATH")
+    if forced:
+        if forced not in _PATHS:
+            raise ValueError(f"SPARSIFY_CPU_PATH={forced!r}: expected one of {_PATHS}.")
+        if forced == "bsr" and dtype not in _BSR_DTYPES:
+            return "dense"
+        return forced
+    if density >= DENSE_ABOVE_DENSITY:
+        return "dense"
+    if rows <= GATHER_MAX_ROWS:
+        return "gather"
+    return "bsr" if dtype in _BSR_DTYPES else "dense"
+
+
+def _materialize(values: torch.Tensor, meta, shape: tuple[int, int]) -> torch.Tensor:
+    nnz, b, _ = values.shape
+    nbr = meta.row_offsets.numel() - 1
+    nbc = -(-shape[1] // b)
+    out = values.new_zeros(nbr, b, nbc, b)
+    out.permute(0, 2, 1, 3)[meta.row_indices.long(), meta.col_indices.long()] = values
+    return out.view(nbr * b, nbc * b)[: shape[0], : shape[1]]
+
+
+def dense_weight(values: torch.Tensor, meta, shape: tuple[int, int], static: bool = False) -> torch.Tensor:
+    """The materialized ``shape`` weight; cached on ``values`` until it changes if ``static``."""
+    if (
+        not static
+        or torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or isinstance(values, torch._subclasses.FakeTensor)
+    ):
+        return _materialize(values, meta, shape)
+    key = (values._version, values.data_ptr(), meta.col_indices.data_ptr(), shape)
+    cached = getattr(values, "_sparsify_dense", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    w = _materialize(values.detach(), meta, shape)
+    try:
+        values._sparsify_dense = (key, w)
+    except (AttributeError, RuntimeError):
+        pass
+    return w
+
+
+def clear_dense_cache(values: torch.Tensor) -> None:
+    """Drop the cached materialized weight of ``values`` (after writes through ``.data``)."""
+    if hasattr(values, "_sparsify_dense"):
+        del values._sparsify_dense
+
+
+def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
+    return x if x.shape[1] == cols else F.pad(x, (0, cols - x.shape[1]))
+
+
+def _bsr_matmul(values, row_offsets, col_indices, x, out_rows: int) -> torch.Tensor:
+    """``W @ x.T`` as ``[M, out_rows]`` with W given as BSR (padded shape)."""
+    nnz, b, _ = values.shape
+    nbr = row_offsets.numel() - 1
+    kp = x.shape[1]
+    w = torch.sparse_bsr_tensor(row_offsets, col_indices, values.contiguous(), size=(nbr * b, kp))
+    return (w @ x.T).T[:, :out_rows]
+
+
+def _gather_matmul(values, row_indices, col_indices, x, n_block_rows: int, out_rows: int) -> torch.Tensor:
+    """``x @ W.T`` by a batched matmul over the stored blocks, chunked to bound memory."""
+    m, kp = x.shape
+    nnz, b, _ = values.shape
+    xb = x.view(m, kp // b, b)
+    out = x.new_zeros(n_block_rows, m, b)
+    chunk = max(1, _GATHER_BYTES // max(1, m * b * x.element_size() * 2))
+    for start in range(0, nnz, chunk):  # chunks of blocks, not single blocks
+        sl = slice(start, start + chunk)
+        xg = xb.index_select(1, col_indices[sl]).transpose(0, 1)  # [k, M, b]
+        part = torch.bmm(xg, values[sl].transpose(1, 2))  # [k, M, b]
+        out.index_add_(0, row_indices[sl], part)
+    return out.permute(1, 0, 2).reshape(m, n_block_rows * b)[:, :out_rows]
+
+
+class CPUExecutor:
+    """Reference executor in plain torch; see the module docstring for its paths."""
+
+    name = "cpu"
+
+    def forward(self, x, values, meta, bias, residual, activation, out_features, out_dtype=None, static_weight=False):
+        m, k = x.shape
+        nnz, b, _ = values.shape
+        nbr = meta.row_offsets.numel() - 1
+        nbc = -(-k // b)
+        path = choose_path(m, _density(meta, nbr, nbc), x.dtype)
+        if path == "dense":
+            y = x @ dense_weight(values, meta, (out_features, k), static_weight).T
+        elif path == "bsr":
+            y = _bsr_matmul(values, meta.row_offsets, meta.col_indices, _pad_cols(x, nbc * b), out_features)
+        else:
+            y = _gather_matmul(
+                values, meta.row_indices.long(), meta.col_indices.long(), _pad_cols(x, nbc * b), nbr, out_features
+            )
+        y = apply_epilogue(y.contiguous(), bias, residual, activation)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def grad_input(self, dy, values, meta, in_features):
+        m, n = dy.shape
+        nnz, b, _ = values.shape
+        nbr = meta.row_offsets.numel() - 1
+        nbc = meta.t_row_offsets.numel() - 1
+        path = choose_path(m, _density(meta, nbr, nbc), dy.dtype)
+        if path == "dense":
+            return dy @ dense_weight(values, meta, (n, in_features))
+        t_ids = meta.t_block_ids.long()
+        t_values = values.index_select(0, t_ids).transpose(1, 2)
+        dyp = _pad_cols(dy, nbr * b)
+        if path == "bsr":
+            dx = _bsr_matmul(t_values, meta.t_row_offsets, meta.t_col_indices, dyp, in_features)
+        else:
+            t_rows = torch.repeat_interleave(
+                torch.arange(nbc, device=dy.device), meta.t_row_offsets.diff().long()
+            )
+            dx = _gather_matmul(t_values, t_rows, meta.t_col_indices.long(), dyp, nbc, in_features)
+        return dx.contiguous()
+
+    def grad_weight(self, dy, x, meta, block_size):
+        """dW for the stored blocks only: ``dW[k] = dy[:, rows of k].T @ x[:, cols of k]``."""
+        m, n = dy.shape
+        k = x.shape[1]
+        b = block_size
+        nbr = meta.row_offsets.numel() - 1
+        nbc = -(-k // b)
+        rows, cols = meta.row_indices.long(), meta.col_indices.long()
+        nnz = cols.numel()
+        dyp = _pad_cols(dy, nbr * b).view(m, nbr, b)
+        xp = _pad_cols(x, nbc * b).view(m, nbc, b)
+        if _density(meta, nbr, nbc) >= DENSE_ABOVE_DENSITY and os.environ.get("SPARSIFY_CPU_PATH") in (None, "", "dense"):
+            full = (dyp.reshape(m, -1).T @ xp.reshape(m, -1)).view(nbr, b, nbc, b)
+            return full.permute(0, 2, 1, 3)[rows, cols].contiguous()
+        out = x.new_empty(nnz, b, b)
+        chunk = max(1, _GATHER_BYTES // max(1, 2 * m * b * x.element_size()))
+        for start in range(0, nnz, chunk):  # chunks of blocks, not single blocks
+            sl = slice(start, start + chunk)
+            g = dyp.index_select(1, rows[sl]).permute(1, 2, 0)  # [k, b, M]
+            h = xp.index_select(1, cols[sl]).transpose(0, 1)  # [k, M, b]
+            torch.bmm(g, h, out=out[sl])
+        return out

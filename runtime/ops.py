@@ -1,0 +1,187 @@
+"""The runtime ops, registered with ``torch.library`` under ``torch.ops.sparsify``.
+
+* ``bsmm(x, values, <layout>, bias, residual, out_features, activation)``
+  ``y = act(x @ W.T + bias) + residual`` with ``W`` block-sparse;
+* ``bsmm_dx(dy, values, <layout>, in_features)``  ``dx = dy @ W`` (reads the
+  transposed layout);
+* ``bsmm_dw(dy, x, <layout>, block_size)``  ``dW`` for the stored blocks only.
+
+``<layout>`` is the six index tensors of :meth:`BlockSparseLayout.metadata`,
+on the device of ``x``.  Each op has a fake (meta) implementation, and
+``bsmm`` has an autograd formula built from the other two, so converted
+models train, re-trace, ``torch.compile`` and ``torch.export``.
+
+Every op runs on the executor that :func:`executor_for` picks for the device.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+from .executors import executor_for
+from .executors.cpu import ACTIVATIONS, apply_epilogue
+
+__all__ = ["bsmm", "bsmm_dx", "bsmm_dw", "ACTIVATIONS", "META_NAMES"]
+
+META_NAMES = ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
+
+
+def _meta(*tensors: Tensor) -> SimpleNamespace:
+    return SimpleNamespace(**dict(zip(META_NAMES, tensors)))
+
+
+def _check_inputs(op: str, x: Tensor, values: Tensor, k_expected: int, what: str) -> None:
+    if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        raise ValueError(f"sparsify.{op}: expected values of shape [nnz, b, b]. Got {tuple(values.shape)}.")
+    if x.shape[-1] != k_expected:
+        raise ValueError(
+            f"sparsify.{op}: expected {what} with last dimension {k_expected}. Got shape {tuple(x.shape)}."
+        )
+    if x.dtype != values.dtype:
+        raise TypeError(
+            f"sparsify.{op}: expected {what} of dtype {values.dtype} (the weight's). Got {x.dtype}; "
+            f"cast the input or the module (module.to({x.dtype}))."
+        )
+    if x.device != values.device:
+        raise ValueError(
+            f"sparsify.{op}: expected {what} on {values.device} (the weight's). Got {x.device}."
+        )
+
+
+@torch.library.custom_op("sparsify::bsmm", mutates_args=())
+def bsmm(
+    x: Tensor,
+    values: Tensor,
+    row_offsets: Tensor,
+    col_indices: Tensor,
+    row_indices: Tensor,
+    t_row_offsets: Tensor,
+    t_col_indices: Tensor,
+    t_block_ids: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out_features: int,
+    in_features: int,
+    activation: str,
+    out_dtype: torch.dtype | None = None,
+    static_weight: bool = False,
+) -> Tensor:
+    """``act(x @ W.T + bias) + residual`` for a block-sparse ``W [out_features, in_features]``,
+    cast to ``out_dtype`` (default: the input's dtype) as the last step of the epilogue.
+
+    ``static_weight=True`` promises that ``values`` changes only through
+    in-place ops that bump its version counter (modules pass it in eval mode);
+    an executor may then cache forms derived from the weight."""
+    _check_inputs("bsmm", x, values, in_features, "x")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsify.bsmm: unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
+    meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
+    y = executor_for(x.device).forward(
+        x2, values, meta, bias, r2, activation, out_features, out_dtype, static_weight
+    )
+    return y.reshape(*lead, out_features)
+
+
+@bsmm.register_fake
+def _(x, values, row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids,
+      bias, residual, out_features, in_features, activation, out_dtype=None, static_weight=False):
+    return x.new_empty(*x.shape[:-1], out_features, dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("sparsify::bsmm_dx", mutates_args=())
+def bsmm_dx(
+    dy: Tensor,
+    values: Tensor,
+    row_offsets: Tensor,
+    col_indices: Tensor,
+    row_indices: Tensor,
+    t_row_offsets: Tensor,
+    t_col_indices: Tensor,
+    t_block_ids: Tensor,
+    in_features: int,
+) -> Tensor:
+    """``dy @ W`` for a block-sparse ``W``: the input gradient of ``bsmm``."""
+    out_features = dy.shape[-1]
+    lead = dy.shape[:-1]
+    meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
+    dx = executor_for(dy.device).grad_input(dy.reshape(-1, out_features).contiguous(), values, meta, in_features)
+    return dx.reshape(*lead, in_features)
+
+
+@bsmm_dx.register_fake
+def _(dy, values, row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids, in_features):
+    return dy.new_empty(*dy.shape[:-1], in_features)
+
+
+@torch.library.custom_op("sparsify::bsmm_dw", mutates_args=())
+def bsmm_dw(
+    dy: Tensor,
+    x: Tensor,
+    row_offsets: Tensor,
+    col_indices: Tensor,
+    row_indices: Tensor,
+    t_row_offsets: Tensor,
+    t_col_indices: Tensor,
+    t_block_ids: Tensor,
+    block_size: int,
+) -> Tensor:
+    """The gradient of the stored blocks only: ``[nnz, b, b]``."""
+    meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
+    dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    return executor_for(dy.device).grad_weight(dy2, x2, meta, block_size)
+
+
+@bsmm_dw.register_fake
+def _(dy, x, row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids, block_size):
+    return dy.new_empty(col_indices.shape[0], block_size, block_size)
+
+
+# ------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    (x, values, *meta, bias, residual, out_features, in_features, activation, _out_dtype, _static) = inputs
+    ctx.save_for_backward(x, values, *meta, bias)
+    ctx.out_features = out_features
+    ctx.in_features = in_features
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+
+
+def _activation_grad(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_(True)
+        out = apply_epilogue(p.clone(), None, None, activation)
+        (g,) = torch.autograd.grad(out, p, grad)
+    return g
+
+
+def _backward(ctx, grad_out):
+    x, values, *rest = ctx.saved_tensors
+    meta, bias = rest[:6], rest[6]
+    grad_out = grad_out.to(x.dtype)
+    grad = grad_out
+    if ctx.activation != "none":
+        # Recompute the pre-activation instead of storing it: inference keeps
+        # the fused epilogue's memory saving, training pays one extra product.
+        pre = torch.ops.sparsify.bsmm(x, values, *meta, bias, None, ctx.out_features, ctx.in_features, "none")
+        grad = _activation_grad(grad, pre, ctx.activation)
+    grad = grad.contiguous()
+    dx = dvalues = dbias = dresidual = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.sparsify.bsmm_dx(grad, values, *meta, ctx.in_features)
+    if ctx.needs_input_grad[1]:
+        dvalues = torch.ops.sparsify.bsmm_dw(grad, x, *meta, values.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[8]:
+        dbias = grad.reshape(-1, ctx.out_features).sum(0)
+    if ctx.needs_input_grad[9]:
+        dresidual = grad_out  # the residual is added after the activation
+    return (dx, dvalues, None, None, None, None, None, None, dbias, dresidual, None, None, None, None, None)
+
+
+bsmm.register_autograd(_backward, setup_context=_setup_context)
