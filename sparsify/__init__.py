@@ -1,5 +1,33 @@
-"""sparsify: rewrite dense PyTorch models into block-sparse and factorized ones."""
+"""sparsify: rewrite dense PyTorch models into block-sparse and factorized ones.
+
+    >>> import torch, sparsify
+    >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    >>> sparse = sparsify.sparsify(model, density=0.25, block_size=32)
+    >>> dense_again = sparsify.densify(sparse)
+"""
 
 __version__ = "0.1.0"
 
 from . import runtime  # noqa: F401  (registers torch.ops.sparsify.*)
+from .api import densify, report, sparsify
+from .config import Rule, SparsifyConfig
+from .decision import Decision, Plan
+from .methods import METHODS
+from .modules import BlockSparseLinear, LowRankLinear
+from .report import Report
+from .runtime import BlockSparseLayout
+
+__all__ = [
+    "METHODS",
+    "BlockSparseLayout",
+    "BlockSparseLinear",
+    "Decision",
+    "LowRankLinear",
+    "Plan",
+    "Report",
+    "Rule",
+    "SparsifyConfig",
+    "densify",
+    "report",
+    "sparsify",
+]

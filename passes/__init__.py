@@ -1,0 +1,43 @@
+"""Graph passes.  The pipeline, in order, is ``PIPELINE``; each pass is one file.
+
+    plan_layers         config rules -> one Decision per candidate layer
+    annotate_shapes     shapes and dense costs from the example inputs
+    fold_batchnorm      eval-mode BatchNorm into the Linear / Conv before it
+    block_sparsify      Linear / F.linear -> BlockSparseLinear
+    factorize_low_rank  Linear / F.linear -> LowRankLinear
+    fuse_epilogues      activation and residual add into the block-sparse op
+    check_lowered       every planned rewrite produced a runtime module
+
+Capture (``capture.capture``) runs before the pipeline: it decides between a
+graph and the module-tree fallback.
+"""
+
+from .annotate_shapes import annotate_shapes
+from .block_sparsify import block_sparsify
+from .capture import CaptureWarning, capture
+from .check_lowered import check_lowered
+from .factorize_low_rank import factorize_low_rank
+from .fold_batchnorm import fold_batchnorm
+from .fuse_epilogues import fuse_epilogues
+from .infra import PassContext, PassError, PassResult, run_passes
+from .plan_layers import plan_layers
+
+PIPELINE = [
+    plan_layers,
+    annotate_shapes,
+    fold_batchnorm,
+    block_sparsify,
+    factorize_low_rank,
+    fuse_epilogues,
+    check_lowered,
+]
+
+__all__ = [
+    "PIPELINE",
+    "CaptureWarning",
+    "PassContext",
+    "PassError",
+    "PassResult",
+    "capture",
+    "run_passes",
+] + [p.__name__ for p in PIPELINE]

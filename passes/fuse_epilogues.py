@@ -1,0 +1,105 @@
+"""fuse_epilogues: fold an activation and a residual add into the block-sparse op.
+
+``act(linear(x))`` becomes one ``BlockSparseLinear`` with ``activation=act``;
+``linear(x) + r`` (or ``act(linear(x)) + r``) passes ``r`` as the op's
+residual, when the example inputs show ``r`` has the output's shape and dtype.
+Only a layer called at a single site, whose output nothing else reads, is
+fused.  Needs a graph; in the module-tree fallback it does nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules.block_sparse import BlockSparseLinear
+from .infra import PassContext, PassResult
+
+__all__ = ["fuse_epilogues"]
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.silu: "silu", F.gelu: "gelu", torch.nn.functional.gelu: "gelu"}
+_ACT_METHODS = {"relu": "relu"}
+
+
+def _activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) in _ACT_MODULES and not getattr(m, "inplace", False):
+            return _ACT_MODULES[type(m)]
+        if type(m) is nn.GELU:
+            return "gelu" if m.approximate == "none" else "gelu_tanh"
+        return None
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        if node.kwargs.get("inplace"):
+            return None
+        name = _ACT_FUNCTIONS[node.target]
+        if name == "gelu":
+            approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            return "gelu" if approx == "none" else "gelu_tanh" if approx == "tanh" else None
+        return name if len(node.args) == 1 else None
+    if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1:
+        return _ACT_METHODS[node.target]
+    return None
+
+
+def _meta(node) -> object | None:
+    return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
+def fuse_epilogues(module: nn.Module, ctx: PassContext) -> PassResult:
+    if not isinstance(module, fx.GraphModule) or not getattr(ctx.config, "fuse_epilogues", True):
+        return PassResult(module, False)
+    gm = module
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    modified = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        layer = gm.get_submodule(node.target)
+        if not isinstance(layer, BlockSparseLinear) or layer.activation != "none":
+            continue
+        tail = node
+        # activation
+        if len(tail.users) == 1:
+            (user,) = tail.users
+            act = _activation_of(gm, user)
+            if act is not None:
+                layer.activation = act
+                user.replace_all_uses_with(node)
+                gm.graph.erase_node(user)
+                ctx.notes.append(f"fused {act} into {node.target!r}")
+                modified = True
+        # residual add: needs shapes to be sure the add is not a broadcast
+        if len(node.users) == 1:
+            (user,) = node.users
+            if user.op == "call_function" and user.target in (operator.add, torch.add) and len(user.args) == 2 \
+                    and not user.kwargs:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                mo, mn = _meta(other), _meta(node)
+                if (isinstance(other, fx.Node) and other is not node and mo is not None and mn is not None
+                        and tuple(mo.shape) == tuple(mn.shape) and mo.dtype == mn.dtype):
+                    node.args = (node.args[0], other)
+                    # the residual must be computed before the fused call
+                    _move_before(other, node)
+                    user.replace_all_uses_with(node)
+                    gm.graph.erase_node(user)
+                    ctx.notes.append(f"fused the residual add after {node.target!r}")
+                    modified = True
+    return PassResult(gm, modified)
+
+
+def _move_before(dep: fx.Node, node: fx.Node) -> None:
+    """Make sure ``dep`` comes before ``node`` in the graph's order."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if order[dep] < order[node]:
+        return
+    # dep is after node: move node (the call) to just after dep; node's own inputs precede node already.
+    dep.append(node)

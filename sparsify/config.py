@@ -1,0 +1,230 @@
+"""``SparsifyConfig`` and ``Rule``: what to do with which layers.
+
+A config has a default method with its parameters, and ordered rules.  The
+first rule that matches a layer (by qualified-name glob and/or layer type)
+decides its method and parameters; ``skip`` rules leave it dense.  Everything
+is validated when the config is built, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from torch import nn
+
+from .methods import METHODS, validate_param
+
+__all__ = ["Rule", "SparsifyConfig", "DEFAULT_MIN_SIZE"]
+
+#: A 128x128 Linear is still a candidate by default; smaller weights stay dense.
+DEFAULT_MIN_SIZE = 128 * 128
+
+
+def _check_method(method: str, where: str) -> None:
+    if method not in METHODS:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(f"{where}: unknown method {method!r}. Known methods: {known}.")
+
+
+def _type_name(t: str | type) -> str:
+    return t if isinstance(t, str) else t.__name__
+
+
+class Rule:
+    """Match layers by qualified-name glob and/or type; set their method and parameters.
+
+    Example:
+        >>> r = Rule("encoder.*", type="Linear", density=0.1)
+        >>> r.matches("encoder.fc1", "Linear"), r.matches("head", "Linear")
+        (True, False)
+    """
+
+    def __init__(
+        self,
+        pattern: str | None = None,
+        *,
+        type: str | type | tuple[str | type, ...] | None = None,  # noqa: A002 - the user-facing name
+        method: str | None = None,
+        skip: bool = False,
+        **params: Any,
+    ) -> None:
+        self.pattern = pattern
+        types = type if isinstance(type, tuple) else ((type,) if type is not None else ())
+        self.types = tuple(_type_name(t) for t in types)
+        self.method = method
+        self.skip = bool(skip)
+        self.params = dict(params)
+        where = f"Rule({self.describe()})"
+        if pattern is None and not self.types:
+            raise ValueError(f"{where}: give a name pattern, a type=, or both.")
+        if method is not None:
+            _check_method(method, where)
+        for k, v in self.params.items():
+            validate_param(k, v, where)
+        if skip and (method or params):
+            raise ValueError(f"{where}: a skip rule takes no method or parameters.")
+
+    def describe(self) -> str:
+        parts = []
+        if self.pattern is not None:
+            parts.append(repr(self.pattern))
+        if self.types:
+            parts.append(f"type={self.types[0]!r}" if len(self.types) == 1 else f"type={self.types!r}")
+        if self.method:
+            parts.append(f"method={self.method!r}")
+        if self.skip:
+            parts.append("skip=True")
+        parts += [f"{k}={v!r}" for k, v in self.params.items()]
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"Rule({self.describe()})"
+
+    def matches(self, name: str, layer_type: str) -> bool:
+        if self.pattern is not None and not fnmatch.fnmatchcase(name, self.pattern):
+            return False
+        if self.types and layer_type not in self.types:
+            return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.pattern is not None:
+            d["pattern"] = self.pattern
+        if self.types:
+            d["type"] = self.types[0] if len(self.types) == 1 else list(self.types)
+        if self.method:
+            d["method"] = self.method
+        if self.skip:
+            d["skip"] = True
+        d.update(self.params)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rule:
+        d = dict(d)
+        t = d.pop("type", None)
+        return cls(d.pop("pattern", None), type=tuple(t) if isinstance(t, list) else t, **d)
+
+
+class SparsifyConfig:
+    """The whole conversion: a default method, its parameters, and ordered rules.
+
+    Keyword arguments of :func:`sparsify.sparsify` are shorthand for this.
+
+    Example:
+        >>> cfg = SparsifyConfig(method="block_sparse", density=0.1, block_size=16,
+        ...                      rules=[Rule("head", skip=True)])
+        >>> cfg.params_for("block_sparse")
+        {'density': 0.1, 'block_size': 16}
+    """
+
+    def __init__(
+        self,
+        method: str = "block_sparse",
+        *,
+        rules: list[Rule] | tuple[Rule, ...] = (),
+        min_size: int = DEFAULT_MIN_SIZE,
+        strict: bool = False,
+        fold_batchnorm: bool = True,
+        fuse_epilogues: bool = True,
+        **params: Any,
+    ) -> None:
+        _check_method(method, "SparsifyConfig(method=...)")
+        self.method = method
+        self.rules = list(rules)
+        for i, r in enumerate(self.rules):
+            if not isinstance(r, Rule):
+                raise ValueError(f"SparsifyConfig(rules=...): rule {i} is a {type(r).__name__}, expected a Rule.")
+        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+            raise ValueError(f"SparsifyConfig: invalid min_size={min_size!r}: expected an int >= 0 (weight elements).")
+        self.min_size = min_size
+        self.strict = bool(strict)
+        self.fold_batchnorm = bool(fold_batchnorm)
+        self.fuse_epilogues = bool(fuse_epilogues)
+        for k, v in params.items():
+            validate_param(k, v, "SparsifyConfig")
+        self.params = dict(params)
+        # The default method must be usable without a rule supplying its parameters.
+        self.params_for(method, where="SparsifyConfig")
+        for r in self.rules:
+            if r.method is not None:
+                self.params_for(r.method, r.params, where=repr(r))
+
+    def params_for(self, method: str, overrides: dict[str, Any] | None = None, *, where: str = "config") -> dict[str, Any]:
+        """The parameters of ``method``: its defaults, then the config's, then ``overrides``."""
+        spec = METHODS[method]
+        out = dict(spec.defaults)
+        for source in (self.params, overrides or {}):
+            for k, v in source.items():
+                if k in spec.defaults:
+                    out[k] = v
+        if overrides:
+            extra = set(overrides) - set(spec.defaults)
+            if extra:
+                raise ValueError(
+                    f"{where}: method {method!r} takes no option {sorted(extra)[0]!r}. "
+                    f"It takes: {', '.join(spec.defaults) or 'nothing'}."
+                )
+        if spec.required_any and all(out.get(k) is None for k in spec.required_any):
+            raise ValueError(
+                f"{where}: method {method!r} needs one of {', '.join(spec.required_any)}="
+                f" (e.g. {spec.required_any[0]}=0.25)."
+            )
+        if spec.resolve is not None:
+            out = spec.resolve(out)
+        return out
+
+    def choose(self, name: str, layer_type: str) -> tuple[str, dict[str, Any], Rule | None]:
+        """``(method, params, rule)`` for a layer: the first matching rule, else the default."""
+        for r in self.rules:
+            if r.matches(name, layer_type):
+                if r.skip:
+                    return "dense", {}, r
+                method = r.method or self.method
+                return method, self.params_for(method, r.params, where=repr(r)), r
+        return self.method, self.params_for(self.method), None
+
+    # ------------------------------------------------------------ (de)serialize
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            **self.params,
+            "min_size": self.min_size,
+            "strict": self.strict,
+            "fold_batchnorm": self.fold_batchnorm,
+            "fuse_epilogues": self.fuse_epilogues,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SparsifyConfig:
+        d = dict(d)
+        rules = [Rule.from_dict(r) for r in d.pop("rules", [])]
+        return cls(rules=rules, **d)
+
+    @classmethod
+    def coerce(cls, config: SparsifyConfig | dict | None, shorthand: dict[str, Any]) -> SparsifyConfig:
+        """The config that ``sparsify(model, config, **shorthand)`` means."""
+        if config is None:
+            return cls(**shorthand)
+        if isinstance(config, dict):
+            config = cls.from_dict(config)
+        if not isinstance(config, SparsifyConfig):
+            raise ValueError(f"sparsify(config=...): expected a SparsifyConfig or a dict. Got {type(config).__name__}.")
+        if shorthand:
+            merged = config.to_dict()
+            merged.update(shorthand)
+            return cls.from_dict(merged)
+        return config
+
+    def __repr__(self) -> str:
+        args = [f"method={self.method!r}"] + [f"{k}={v!r}" for k, v in self.params.items()]
+        if self.rules:
+            args.append(f"rules={self.rules!r}")
+        return f"SparsifyConfig({', '.join(args)})"
+
+
+def layer_type_of(module: nn.Module) -> str:
+    return type(module).__name__

@@ -1,0 +1,9 @@
+"""Layer modules: they hold parameters and call runtime ops.  Each has
+``from_dense(...)`` and ``to_dense()`` (the exact dense weight it represents)
+and ``to_dense_module()`` (an equivalent plain torch layer, which ``densify``
+uses) and ``flops(input_shape)``."""
+
+from .block_sparse import BlockSparseLinear
+from .low_rank import LowRankLinear, svd_rank
+
+__all__ = ["BlockSparseLinear", "LowRankLinear", "svd_rank"]

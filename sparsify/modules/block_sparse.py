@@ -1,0 +1,206 @@
+"""``BlockSparseLinear``: a Linear layer whose weight is stored as nonzero blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..runtime import ACTIVATIONS, BlockSparseLayout
+from ..runtime.ops import META_NAMES
+
+__all__ = ["BlockSparseLinear", "ACTIVATION_MODULES"]
+
+#: Activation modules the epilogue can absorb, by the name the runtime op uses.
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def activation_module(name: str) -> nn.Module:
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    return ACTIVATION_MODULES[name]()
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = act(x @ W.T + bias)`` with ``W`` stored as ``[nnz, b, b]`` nonzero blocks.
+
+    The pattern lives in ``row_offsets`` / ``col_indices`` (persistent buffers,
+    saved in the state_dict); the transposed and block-coordinate metadata are
+    non-persistent buffers derived from them.  Loading a state_dict with a
+    different pattern adopts that pattern.
+
+    Example:
+        >>> import torch
+        >>> dense = torch.nn.Linear(64, 64)
+        >>> layer = BlockSparseLinear.from_dense(dense, density=0.5, block_size=16)
+        >>> layer(torch.randn(2, 64)).shape
+        torch.Size([2, 64])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        layout: BlockSparseLayout,
+        *,
+        bias: bool = True,
+        activation: str = "none",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if layout.shape != (out_features, in_features):
+            raise ValueError(
+                f"BlockSparseLinear: expected a layout of shape ({out_features}, {in_features}). "
+                f"Got {layout.shape}."
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"BlockSparseLinear: unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = layout.block_size
+        self.activation = activation
+        b = layout.block_size
+        self.values = nn.Parameter(torch.empty(layout.nnz, b, b, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self._set_layout(layout, device=device)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ layout
+    def _set_layout(self, layout: BlockSparseLayout, device=None) -> None:
+        self._layout = layout
+        for name, t in layout.metadata().items():
+            persistent = name in ("row_offsets", "col_indices")
+            # A copy: buffers must never alias the interned layout's tensors.
+            self.register_buffer(name, t.to(device=device, copy=True), persistent=persistent)
+
+    @property
+    def layout(self) -> BlockSparseLayout:
+        """The pattern, rebuilt from the buffers if they were replaced (e.g. by load_state_dict)."""
+        lay = self._layout
+        if lay is None or lay.nnz != self.col_indices.numel():
+            lay = BlockSparseLayout.from_csr(
+                (self.out_features, self.in_features), self.block_size, self.row_offsets, self.col_indices
+            )
+            self._layout = lay
+        return lay
+
+    @property
+    def density(self) -> float:
+        return self.layout.density
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Linear over the full fan-in.
+        bound = 1.0 / max(1, self.in_features) ** 0.5
+        with torch.no_grad():
+            nn.init.uniform_(self.values, -bound, bound)
+            self._zero_padding()
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def _zero_padding(self) -> None:
+        """Zero the parts of edge blocks that lie in the padding."""
+        lay = self.layout
+        pr, pc = lay.padded_shape
+        if (pr, pc) == lay.shape:
+            return
+        mask = lay.values_from_dense(torch.ones(lay.shape, dtype=torch.bool))
+        self.values.mul_(mask.to(self.values.device, self.values.dtype))
+
+    # -------------------------------------------------------------- conversion
+    @classmethod
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        density: float | None = None,
+        block_size: int = 32,
+        layout: BlockSparseLayout | None = None,
+        activation: str = "none",
+    ) -> BlockSparseLinear:
+        """Keep the blocks of ``linear.weight`` with the largest L2 norm (or those of ``layout``)."""
+        from ..patterns import magnitude_layout
+
+        weight = linear.weight.detach()
+        if layout is None:
+            if density is None:
+                raise ValueError("BlockSparseLinear.from_dense: give density= or layout=.")
+            layout = magnitude_layout(weight, density=density, block_size=block_size)
+        return cls.from_weight(weight, None if linear.bias is None else linear.bias.detach(), layout,
+                               activation=activation)
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, layout: BlockSparseLayout, *, activation: str = "none"
+    ) -> BlockSparseLinear:
+        """The layer whose stored blocks are those of ``weight`` under ``layout``."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, layout, bias=bias is not None, activation=activation,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.values.copy_(layout.values_from_dense(weight))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact dense weight (zeros outside the stored blocks); differentiable."""
+        return self.layout.to_dense(self.values)
+
+    def flops(self, input_shape: tuple[int, ...]) -> int:
+        """FLOPs over the stored blocks only."""
+        tokens = math.prod(input_shape[:-1])
+        return 2 * tokens * self.values.numel()
+
+    def to_dense_module(self) -> nn.Module:
+        """A plain ``nn.Linear`` with the masked weight (followed by the activation if one is fused)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.to_dense())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        if self.activation == "none":
+            return lin
+        return nn.Sequential(lin, activation_module(self.activation))
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        meta = [getattr(self, n) for n in META_NAMES]
+        return torch.ops.sparsify.bsmm(
+            x, self.values, *meta, self.bias, residual, self.out_features, self.in_features,
+            self.activation, None, not self.training,
+        )
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, "
+             f"block_size={self.block_size}, density={lay.density:.4g}, nnz_blocks={lay.nnz}, "
+             f"bias={self.bias is not None}")
+        if self.activation != "none":
+            s += f", activation={self.activation!r}"
+        return s
+
+    # -------------------------------------------------------------- state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        ro, ci = state_dict.get(prefix + "row_offsets"), state_dict.get(prefix + "col_indices")
+        if ro is not None and ci is not None and (
+            ci.shape != self.col_indices.shape or not torch.equal(ci.cpu().int(), self.col_indices.cpu())
+            or not torch.equal(ro.cpu().int(), self.row_offsets.cpu())
+        ):
+            # A different pattern: adopt it, then let the default loader fill values.
+            try:
+                layout = BlockSparseLayout.from_csr(
+                    (self.out_features, self.in_features), self.block_size, ro, ci
+                )
+            except ValueError as exc:
+                error_msgs.append(f"{prefix}: invalid block-sparse pattern in the state_dict: {exc}")
+                return
+            device, dtype = self.values.device, self.values.dtype
+            b = self.block_size
+            self.values = nn.Parameter(torch.empty(layout.nnz, b, b, device=device, dtype=dtype))
+            self._set_layout(layout, device=device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

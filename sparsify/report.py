@@ -1,0 +1,107 @@
+"""``Report``: the per-layer table of a converted model, built from its Decisions."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Report"]
+
+
+def _fmt_count(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _setting(d: dict) -> str:
+    res, params = d.get("result") or {}, d.get("params") or {}
+    if d["method"] == "block_sparse":
+        dens = res.get("density", params.get("density"))
+        return f"density={dens:.3g} b={res.get('block_size', params.get('block_size'))}"
+    if "rank" in res:
+        r = res["rank"]
+        s = f"rank={r}" if not isinstance(r, (list, tuple)) else f"ranks={tuple(r)}"
+        if "relative_error" in res:
+            s += f" err={res['relative_error']:.2g}"
+        return s
+    return ""
+
+
+@dataclass
+class Report:
+    """Rows: name, kind, shape, method, params before -> after, FLOPs before -> after,
+    density or rank, reason.  ``str(report)`` is a table; ``to_dict()`` is JSON-ready.
+
+    Example:
+        >>> import torch, sparsify
+        >>> m = torch.nn.Sequential(torch.nn.Linear(256, 256))
+        >>> print(sparsify.report(sparsify.sparsify(m, density=0.5)))  # doctest: +ELLIPSIS
+        layer ...
+    """
+
+    rows: list[dict[str, Any]]
+    traced: bool = True
+    capture_note: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_plan(cls, plan) -> Report:
+        return cls([d.to_dict() for d in plan.decisions], plan.traced, plan.capture_note, tuple(plan.notes))
+
+    def totals(self) -> dict[str, int | None]:
+        pb = sum(r["params_before"] for r in self.rows)
+        pa = sum(r["params_after"] if r["params_after"] is not None else r["params_before"] for r in self.rows)
+        fb = [r["flops_before"] for r in self.rows]
+        fa = [r["flops_after"] for r in self.rows]
+        return {
+            "params_before": pb,
+            "params_after": pa,
+            "flops_before": None if None in fb else sum(fb),
+            "flops_after": None if None in fa else sum(fa),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.rows, "totals": self.totals(), "traced": self.traced,
+                "capture_note": self.capture_note, "notes": list(self.notes)}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def table(self) -> list[list[str]]:
+        head = ["layer", "kind", "shape", "method", "params", "FLOPs", "setting", "reason"]
+        body = [head]
+        for r in self.rows:
+            body.append([
+                r["name"], r["layer_type"], "x".join(map(str, r["weight_shape"])), r["method"],
+                f"{_fmt_count(r['params_before'])} -> {_fmt_count(r['params_after'])}",
+                f"{_fmt_count(r['flops_before'])} -> {_fmt_count(r['flops_after'])}",
+                _setting(r), r["reason"],
+            ])
+        t = self.totals()
+        body.append(["total", "", "", "", f"{_fmt_count(t['params_before'])} -> {_fmt_count(t['params_after'])}",
+                     f"{_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])}", "", ""])
+        return body
+
+    def __str__(self) -> str:
+        body = self.table()
+        widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
+        lines = []
+        for i, row in enumerate(body):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if i == 0 or i == len(body) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        if not self.traced:
+            lines.append(f"note: not traced ({self.capture_note}); module-tree fallback")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        body = self.table()
+        out = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(body[0])]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body[1:]]
+        return "\n".join(out)
