@@ -4,9 +4,12 @@ Importing it registers ``torch.ops.sparsify.*``.  It never fails for lack of
 CUDA: without a driver the CPU (reference) executor runs everything.
 """
 
+from .cuda import register as _register_cuda
 from .executors import executor_for, register_executor
 from .layout import SUPPORTED_BLOCK_SIZES, BlockSparseLayout
 from .ops import ACTIVATIONS, bsmm, bsmm_dw, bsmm_dx
+
+_register_cuda()  # a factory only: cuda-python is imported on first use of a CUDA tensor
 
 __all__ = [
     "ACTIVATIONS",

@@ -1,0 +1,139 @@
+"""Launching compiled kernels on PyTorch's stream, and the checks before a launch.
+
+* Kernels run on ``torch.cuda.current_stream(device)``, inside a device guard
+  (``torch.cuda.device``) with that device's primary context current, so a
+  multi-GPU process launches on the tensor's GPU whatever the current device.
+* Arguments are explicit: pointers from ``data_ptr()`` as ``np.uint64`` (0 for
+  an absent optional tensor), integers as ``np.int32``; their order is the
+  parameter list in ``cuda_src/bsmm.cuh``.
+* Every operand is checked first (device, dtype, contiguity, index dtype), and
+  an error says which operand, what was expected and what to do.  Misalignment
+  is not an error: kernels fall back to element-wise loads for an operand whose
+  16-byte alignment check (:func:`vec_ok`) fails.
+
+Example:
+    >>> import torch
+    >>> vec_ok(torch.zeros(4, 8, dtype=torch.float16))
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from . import compiler, kernels
+
+__all__ = ["KernelRuntime", "check_operand", "ptr", "i32", "vec_ok"]
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    """A tensor's device address as a kernel argument; 0 (nullptr) for None."""
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def i32(v: int) -> np.int32:
+    """An int kernel argument; refuses values that do not fit (rather than wrapping)."""
+    if not -(2**31) <= int(v) < 2**31:
+        raise OverflowError(f"sparsify: {v} does not fit the kernels' 32-bit indices; split the operation.")
+    return np.int32(v)
+
+
+def vec_ok(t: torch.Tensor) -> bool:
+    """Whether every row of a contiguous tensor starts on a 16-byte boundary (cp.async chunks)."""
+    return t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+def check_operand(
+    op: str,
+    name: str,
+    t: torch.Tensor | None,
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> None:
+    """Raise a clear error unless ``t`` is a contiguous tensor on ``device`` with one of ``dtypes``."""
+    if t is None:
+        return
+    where = f"sparsify.{op} (CUDA executor), operand {name!r}"
+    if t.device != device:
+        raise ValueError(f"{where}: expected a tensor on {device}. Got one on {t.device}; move it with .to({str(device)!r}).")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{where}: expected dtype {' or '.join(map(str, dtypes))}. Got {t.dtype}.")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{where}: expected shape {tuple(shape)}. Got {tuple(t.shape)}.")
+    if not t.is_contiguous():
+        raise ValueError(f"{where}: expected a contiguous tensor. Got strides {t.stride()}; call .contiguous().")
+
+
+class _TorchStream:
+    """A torch stream seen through the ``__cuda_stream__`` protocol."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+class KernelRuntime:
+    """Compiled programs loaded on one device: ``kernel(spec)`` and ``launch(spec, grid, args)``."""
+
+    def __init__(self, index: int, arch: str, target: str) -> None:
+        from cuda.core import Device, LaunchConfig, ObjectCode, launch
+
+        self.index, self.arch, self.target = index, arch, target
+        self._Device, self._LaunchConfig, self._ObjectCode, self._launch = Device, LaunchConfig, ObjectCode, launch
+        self._device = Device(index)
+        self._kernels: dict[str, object] = {}
+        self._modules: dict[str, object] = {}
+        self._streams: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _make_current(self) -> None:
+        # cuda.core needs a current context per thread; torch's device guard
+        # has made the primary context of this device current already.
+        if getattr(self._local, "current", False):
+            return
+        self._device.set_current()
+        self._local.current = True
+
+    def kernel(self, spec: kernels.KernelSpec):
+        """The loaded kernel for ``spec`` (compiling its program on first use)."""
+        k = self._kernels.get(spec.name)
+        if k is not None:
+            return k
+        prog_spec = kernels.program_for(spec.math, spec.block)
+        compiled = compiler.compile_program(prog_spec, self.arch, self.target)
+        with self._lock, torch.cuda.device(self.index):
+            self._make_current()
+            mod = self._modules.get(compiled.key)
+            if mod is None:
+                load = self._ObjectCode.from_cubin if compiled.target == "cubin" else self._ObjectCode.from_ptx
+                mod = load(compiled.binary, name=prog_spec.name)
+                self._modules[compiled.key] = mod
+            k = mod.get_kernel(spec.name)
+            self._kernels[spec.name] = k
+        return k
+
+    def launch(self, spec: kernels.KernelSpec, grid: tuple[int, int, int], args: tuple) -> None:
+        """Launch ``spec`` on the current torch stream of this device."""
+        if min(grid) <= 0:
+            return
+        if grid[1] > 65535 or grid[2] > 65535:
+            raise ValueError(f"sparsify: launch grid {grid} of {spec.name} exceeds the CUDA limit of 65535 in y/z.")
+        kernel = self.kernel(spec)
+        with torch.cuda.device(self.index):
+            self._make_current()
+            handle = torch.cuda.current_stream(self.index).cuda_stream
+            stream = self._streams.get(handle)
+            if stream is None:
+                stream = self._device.create_stream(_TorchStream(handle))
+                self._streams[handle] = stream
+            config = self._LaunchConfig(grid=grid, block=(spec.threads, 1, 1))
+            self._launch(stream, config, kernel, *args)
