@@ -62,6 +62,13 @@ class Rule:
             _check_method(method, where)
         for k, v in self.params.items():
             validate_param(k, v, where)
+        if method is not None:
+            extra = sorted(set(self.params) - set(METHODS[method].defaults))
+            if extra:
+                raise ValueError(
+                    f"{where}: method {method!r} takes no option {extra[0]!r}. "
+                    f"It takes: {', '.join(METHODS[method].defaults) or 'nothing'}."
+                )
         if skip and (method or params):
             raise ValueError(f"{where}: a skip rule takes no method or parameters.")
 

@@ -19,8 +19,8 @@ settings.register_profile("dev", max_examples=40, **_common)
 settings.register_profile("thorough", max_examples=400, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-# Two CPU threads, like CI: timings and tolerances are the same everywhere.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two CPU threads in all, like CI: one per xdist worker, two in a single process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):

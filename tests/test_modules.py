@@ -1,0 +1,140 @@
+"""BlockSparseLinear and LowRankLinear: conversion, dtypes, N-D inputs, gradients, state_dict."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from sparsify import BlockSparseLinear, LowRankLinear
+from sparsify.modules.low_rank import svd_rank
+
+from .helpers import RTOL, rel_err
+
+dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
+
+
+@st.composite
+def linears(draw, dtype=None):
+    in_f, out_f = draw(st.integers(1, 160)), draw(st.integers(1, 160))
+    dtype = dtype or draw(dtypes)
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    lin = torch.nn.Linear(in_f, out_f, bias=draw(st.booleans())).to(dtype)
+    lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
+    return lin, torch.randn(*lead, 3, in_f, dtype=dtype)
+
+
+@given(linears(), st.sampled_from([8, 16, 32, 64]), st.floats(0.05, 1.0))
+def test_block_sparse_linear_equals_the_masked_dense_layer(case, b, density):
+    lin, x = case
+    layer = BlockSparseLinear.from_dense(lin, density=density, block_size=b)
+    mask = layer.layout.element_mask()
+    expected = torch.nn.functional.linear(x, lin.weight * mask, lin.bias)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    assert rel_err(y, expected) <= RTOL[x.dtype] * 10 if x.dtype == torch.bfloat16 else rel_err(y, expected) < RTOL[x.dtype]
+    assert torch.equal(layer.to_dense(), lin.weight.detach() * mask)
+
+
+@given(linears(dtype=torch.float64), st.sampled_from([8, 16, 32]), st.floats(0.05, 1.0),
+       st.sampled_from(["none", "relu", "gelu", "silu"]))
+def test_gradients_equal_the_dense_masked_reference(case, b, density, activation):
+    lin, x = case
+    layer = BlockSparseLinear.from_dense(lin, density=density, block_size=b, activation=activation)
+    mask = layer.layout.element_mask()
+    w_ref = (lin.weight.detach() * mask).requires_grad_(True)
+    b_ref = None if lin.bias is None else lin.bias.detach().clone().requires_grad_(True)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    act = {"none": lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "silu": torch.nn.functional.silu}[activation]
+    grad_out = torch.randn(*x.shape[:-1], lin.out_features, dtype=x.dtype)
+    layer(x1).backward(grad_out)
+    act(torch.nn.functional.linear(x2, w_ref, b_ref)).backward(grad_out)
+    assert rel_err(x1.grad, x2.grad) < 1e-10 or x2.grad.norm() == 0
+    # dW exists only for the kept blocks, and equals the reference there
+    assert layer.values.grad.shape == (layer.layout.nnz, b, b)
+    ref_blocks = layer.layout.values_from_dense(w_ref.grad)
+    assert torch.allclose(layer.values.grad, ref_blocks, rtol=1e-10, atol=1e-12)
+    if b_ref is not None:
+        assert torch.allclose(layer.bias.grad, b_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@given(linears(dtype=torch.float32), st.sampled_from([8, 16]), st.floats(0.05, 1.0), st.floats(0.05, 1.0))
+def test_state_dict_round_trip_adopts_the_saved_pattern(case, b, d1, d2):
+    lin, x = case
+    saved = BlockSparseLinear.from_dense(lin, density=d1, block_size=b)
+    other = BlockSparseLinear.from_dense(lin, density=d2, block_size=b)
+    buf = st_save(saved.state_dict())
+    other.load_state_dict(st_load(buf))
+    assert other.layout == saved.layout
+    with torch.no_grad():
+        assert torch.equal(other(x), saved(x))
+
+
+def test_extra_repr_and_train_eval_paths_agree():
+    lin = torch.nn.Linear(100, 70)
+    layer = BlockSparseLinear.from_dense(lin, density=0.5, block_size=32, activation="relu")
+    r = repr(layer)
+    assert "block_size=32" in r and "density=" in r and "activation='relu'" in r
+    x = torch.randn(5, 100)
+    y_train = layer.train()(x)
+    with torch.inference_mode():
+        y_eval = layer.eval()(x)
+    assert torch.allclose(y_train, y_eval)
+    # an in-place update after an eval call is seen by the next eval call (cache keyed by version)
+    with torch.no_grad():
+        layer.values.mul_(2)
+        layer.bias.zero_()
+        assert torch.allclose(layer(x), torch.relu(x @ (2 * lin.weight * layer.layout.element_mask()).T), atol=1e-5)
+
+
+@given(linears(dtype=torch.float64), st.integers(1, 200))
+def test_svd_error_is_the_eckart_young_bound(case, rank):
+    lin, _ = case
+    layer = LowRankLinear.from_dense(lin, rank=rank)
+    s = torch.linalg.svdvals(lin.weight.detach())
+    r = min(rank, s.numel())
+    assert layer.rank == r
+    err = torch.linalg.norm(lin.weight.detach() - layer.to_dense())
+    bound = s[r:].pow(2).sum().sqrt()
+    assert float(err) == pytest.approx(float(bound), rel=1e-8, abs=1e-10)
+
+
+@given(linears(dtype=torch.float64), st.floats(0.01, 0.99))
+def test_tolerance_picks_the_smallest_rank_within_it(case, tol):
+    lin, _ = case
+    w = lin.weight.detach()
+    layer = LowRankLinear.from_dense(lin, tolerance=tol)
+    assert rel_err(layer.to_dense(), w) <= tol + 1e-9 or layer.rank == min(w.shape)
+    if layer.rank > 1:
+        worse = LowRankLinear.from_dense(lin, rank=layer.rank - 1)
+        assert rel_err(worse.to_dense(), w) > tol - 1e-9
+
+
+def test_rank_fraction_is_of_min_in_out():
+    assert svd_rank(torch.ones(40), rank=0.25) == 10
+    assert svd_rank(torch.ones(40), rank=1.0) == 40
+    assert svd_rank(torch.ones(40), rank=400) == 40
+
+
+@given(linears(), st.integers(1, 64))
+def test_low_rank_linear_nd_dtypes_and_state_dict(case, rank):
+    lin, x = case
+    layer = LowRankLinear.from_dense(lin, rank=rank)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], lin.out_features)
+        expected = torch.nn.functional.linear(x, layer.to_dense(), layer.bias)
+        tol = 5e-2 if x.dtype == torch.bfloat16 else RTOL[x.dtype] * 10
+        assert rel_err(y, expected) < tol
+    again = LowRankLinear(lin.in_features, lin.out_features, layer.rank, bias=lin.bias is not None, dtype=x.dtype)
+    buf = io.BytesIO(st_save(layer.state_dict()))
+    again.load_state_dict(st_load(buf.getvalue()))
+    with torch.no_grad():
+        assert torch.equal(again(x), layer(x))
