@@ -12,6 +12,8 @@ from . import runtime  # noqa: F401  (registers torch.ops.sparsify.*)
 from .api import densify, report, sparsify
 from .config import Rule, SparsifyConfig
 from .decision import Decision, Plan
+from .errors import InputError
+from .io import load, save
 from .methods import METHODS
 from .modules import BlockSparseLinear, LowRankLinear
 from .report import Report
@@ -22,12 +24,15 @@ __all__ = [
     "BlockSparseLayout",
     "BlockSparseLinear",
     "Decision",
+    "InputError",
     "LowRankLinear",
     "Plan",
     "Report",
     "Rule",
     "SparsifyConfig",
     "densify",
+    "load",
     "report",
+    "save",
     "sparsify",
 ]
