@@ -100,6 +100,8 @@ class CUDAExecutor:
         self.tuner = Autotuner(self.device_name)
         self._cpu = CPUExecutor()
         self._warned: set[tuple] = set()
+        #: op ("fwd" | "dx" | "dw") -> kernel name to run regardless of tuning (tests, benchmarks).
+        self.forced: dict[str, str] = {}
 
     # ------------------------------------------------------------ helpers
     def _fallback(self, op: str, why: tuple) -> CPUExecutor:
@@ -121,6 +123,8 @@ class CUDAExecutor:
         return math_
 
     def _pick(self, op: str, math_: str, block: int, m: int, plan: _Plan, extra: str, run) -> kernels.KernelSpec:
+        if op in self.forced:
+            return kernels.program_for(math_, block).kernel(self.forced[op])
         heur = kernels.heuristic(op, math_, block, m)
         cands = kernels.candidates(op, math_, block, m)
         if len(cands) <= 1 or not autotune_enabled():
