@@ -236,62 +236,63 @@ def save(
         example_inputs = (example_inputs,)
 
     state = module.state_dict()
-    tensors, aliases = _dedupe(dict(state))
-    exported: dict[str, Any] | None = None
-    exported_note = None
-    program = None
-    if export and example_inputs is None:
-        exported_note = "no example inputs were given, so no program was exported"
-    elif export:
-        from .exported import export_program
-
-        try:
-            program, ep_state, ep_consts = export_program(module, tuple(example_inputs))
-        except Exception as exc:  # export is optional: record why not
-            exported_note = f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-        else:
-            mapping: dict[str, str] = {}
-            by_ptr = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if t.numel()}
-            for k, t in list(ep_state.items()) + [(f"const:{k}", t) for k, t in ep_consts.items()]:
-                src = by_ptr.get((t.data_ptr(), tuple(t.shape))) if t.numel() else None
-                if src is not None:
-                    mapping[k] = aliases.get(src, src)
-                else:
-                    key = _EXPORTED_PREFIX + k
-                    tensors[key] = t.detach().to("cpu").contiguous().clone()
-                    mapping[k] = key
-            exported = {"file": PROGRAM_FILE, "tensors": mapping}
-
-    layouts: dict[str, Any] = {}
-    for name, m in module.named_modules():
-        lay = getattr(m, "layout", None)
-        if name and lay is not None and hasattr(lay, "block_size"):
-            layouts[name] = {"kind": "block_sparse", "shape": list(lay.shape), "block_size": lay.block_size,
-                             "nnz_blocks": lay.nnz, "density": lay.density}
-        elif name and hasattr(m, "to_dense_module") and hasattr(m, "rank"):
-            layouts[name] = {"kind": type(m).__name__, "rank": _jsonable(m.rank)}
-
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "sparsify_version": __version__,
-        "torch_version": torch.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": model_spec,
-        "config": _jsonable(config),
-        "inputs": None if example_inputs is None else [
-            {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example_inputs],
-        "training": module.training,
-        "plan": None if not isinstance(plan, Plan) else {
-            "traced": plan.traced, "capture_note": plan.capture_note, "notes": list(plan.notes),
-            "decisions": [_jsonable(d.to_dict()) for d in plan.decisions]},
-        "layouts": layouts,
-        "weights": None,
-        "exported": exported,
-        "exported_note": exported_note,
-        **(extra or {}),
-    }
+    # Everything happens inside the staging folder, so an interrupt at any point leaves no OUT.
     with _staging_dir(out) as tmp:
+        tensors, aliases = _dedupe(dict(state))
+        exported: dict[str, Any] | None = None
+        exported_note = None
+        program = None
+        if export and example_inputs is None:
+            exported_note = "no example inputs were given, so no program was exported"
+        elif export:
+            from .exported import export_program
+
+            try:
+                program, ep_state, ep_consts = export_program(module, tuple(example_inputs))
+            except Exception as exc:  # export is optional: record why not
+                exported_note = f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            else:
+                mapping: dict[str, str] = {}
+                by_ptr = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if t.numel()}
+                for k, t in list(ep_state.items()) + [(f"const:{k}", t) for k, t in ep_consts.items()]:
+                    src = by_ptr.get((t.data_ptr(), tuple(t.shape))) if t.numel() else None
+                    if src is not None:
+                        mapping[k] = aliases.get(src, src)
+                    else:
+                        key = _EXPORTED_PREFIX + k
+                        tensors[key] = t.detach().to("cpu").contiguous().clone()
+                        mapping[k] = key
+                exported = {"file": PROGRAM_FILE, "tensors": mapping}
+
+        layouts: dict[str, Any] = {}
+        for name, m in module.named_modules():
+            lay = getattr(m, "layout", None)
+            if name and lay is not None and hasattr(lay, "block_size"):
+                layouts[name] = {"kind": "block_sparse", "shape": list(lay.shape), "block_size": lay.block_size,
+                                 "nnz_blocks": lay.nnz, "density": lay.density}
+            elif name and hasattr(m, "to_dense_module") and hasattr(m, "rank"):
+                layouts[name] = {"kind": type(m).__name__, "rank": _jsonable(m.rank)}
+
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sparsify_version": __version__,
+            "torch_version": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": model_spec,
+            "config": _jsonable(config),
+            "inputs": None if example_inputs is None else [
+                {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example_inputs],
+            "training": module.training,
+            "plan": None if not isinstance(plan, Plan) else {
+                "traced": plan.traced, "capture_note": plan.capture_note, "notes": list(plan.notes),
+                "decisions": [_jsonable(d.to_dict()) for d in plan.decisions]},
+            "layouts": layouts,
+            "weights": None,
+            "exported": exported,
+            "exported_note": exported_note,
+            **(extra or {}),
+        }
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         manifest["weights"] = {
             "file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "bytes": (tmp / WEIGHTS_FILE).stat().st_size,

@@ -90,7 +90,7 @@ def parse_input_spec(text: str, where: str = "--input-shape") -> InputSpec:
     if dtype not in _DTYPES:
         raise InputError(f"{where} {text!r}: unknown dtype {dtype!r}. Use one of: {', '.join(sorted(set(_DTYPES)))}.")
     try:
-        shape = tuple(int(s) for s in shape_text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in shape_text.split(","))
     except ValueError:
         raise InputError(f"{where} {text!r}: expected comma-separated integers, e.g. 8,3,224,224.") from None
     if not shape or any(s < 1 for s in shape):

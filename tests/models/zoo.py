@@ -109,8 +109,10 @@ def bad_not_module() -> list:
     return [1, 2, 3]
 
 
-def slow_mlp(seconds: float = 30.0) -> nn.Module:
-    """Takes ``seconds`` to build (to interrupt a convert while it runs)."""
+def slow_mlp(seconds: float = 30.0, ready: str | None = None) -> nn.Module:
+    """Takes ``seconds`` to build (to interrupt a convert while it runs); touches ``ready`` first."""
+    if ready:
+        open(ready, "w").close()
     time.sleep(seconds)
     return mlp()
 

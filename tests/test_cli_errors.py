@@ -1,0 +1,164 @@
+"""Bad input: one line on stderr starting ``sparsify: error:``, exit code 2, no traceback, no OUT.
+
+For any bad input listed in the CLI issue, and drawn variants of some of them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparsify.cli import main
+
+ZOO = "tests/models/zoo.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def expect_bad(capsys, out: Path | None, *argv, match: str) -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("sparsify: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("sparsify: error: "), err
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists()
+        assert not list(out.parent.glob(f".{out.name}.*")), "temporary files left behind"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "mlp"
+    assert main(["convert", str(ROOT / ZOO) + ":mlp", "-o", str(out), "--density", "0.5"]) == 0
+    return out
+
+
+def _copy(artifact: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+CASES = [
+    # (argv after "convert MODEL -o OUT", MODEL, expected message part)
+    ([], "tests/models/nope.py:mlp", "no such file"),
+    ([], f"{ZOO}:nope", "has no attribute 'nope'"),
+    ([], f"{ZOO}:bad_raises", "raised RuntimeError: the factory failed on purpose"),
+    ([], f"{ZOO}:bad_not_module", "returned a list, expected a torch.nn.Module"),
+    ([], "no_such_package.models:make", "no module named 'no_such_package'"),
+    (["--factory-args", "{hidden: 3"], f"{ZOO}:mlp", "--factory-args"),
+    (["--method", "magic"], f"{ZOO}:mlp", "unknown method 'magic'"),
+    (["--density", "0"], f"{ZOO}:mlp", "--density"),
+    (["--density", "1.5"], f"{ZOO}:mlp", "--density"),
+    (["--block-size", "7"], f"{ZOO}:mlp", "--block-size"),
+    (["--input-shape", "4,7"], f"{ZOO}:mlp", "does not fit"),
+    (["--input-shape", "4,x"], f"{ZOO}:mlp", "comma-separated integers"),
+    (["--config", "missing.toml"], f"{ZOO}:mlp", "no such file"),
+    (["--weights", "missing.safetensors"], f"{ZOO}:mlp", "no such file"),
+]
+
+
+@pytest.mark.parametrize("extra,model,match", CASES, ids=[c[2][:30] for c in CASES])
+def test_bad_convert_inputs(tmp_path, capsys, extra, model, match):
+    out = tmp_path / "out"
+    expect_bad(capsys, out, "convert", model, "-o", out, *extra, match=match)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    rc = main(["convert", f"{ZOO}:bad_raises", "-o", str(tmp_path / "o"), "--debug"])
+    assert rc == 2 and "Traceback" in capsys.readouterr().err
+
+
+def test_malformed_toml_and_unknown_keys_name_the_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("density = [0.5\n")
+    expect_bad(capsys, tmp_path / "o", "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--config", cfg,
+               match=f"{cfg}: malformed TOML")
+    cfg.write_text("densty = 0.5\n")
+    line = expect_bad(capsys, tmp_path / "o", "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--config", cfg,
+                      match="unknown key 'densty'")
+    assert str(cfg) in line
+    cfg.write_text('[[rules]]\npattern = "0"\nskipp = true\n')
+    expect_bad(capsys, tmp_path / "o", "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--config", cfg,
+               match="unknown key 'skipp' in [[rules]] #1")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(density=st.one_of(st.floats(max_value=0.0, allow_nan=False, allow_infinity=False),
+                         st.floats(min_value=1.0, exclude_min=True, allow_nan=False, allow_infinity=False)))
+def test_any_density_outside_0_1_is_refused_before_work(tmp_path, capsys, density):
+    out = tmp_path / "o"
+    expect_bad(capsys, out, "convert", f"{ZOO}:bad_raises", "-o", out, f"--density={density!r}", match="--density")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True).filter(
+    lambda k: k not in {"method", "rules", "min_size", "strict", "fold_batchnorm", "fuse_epilogues", "density",
+                        "block_size", "rank", "tolerance", "compression", "pattern", "type", "skip"}
+    and not k.startswith("n_")))
+def test_any_unknown_toml_key_is_named(tmp_path, capsys, key):
+    from sparsify.methods import PARAM_VALIDATORS
+
+    if key in PARAM_VALIDATORS:  # a parameter another method registered
+        return
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"{key} = 1\n")
+    line = expect_bad(capsys, tmp_path / "o", "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--config", cfg,
+                      match=f"unknown key {key!r}")
+    assert str(cfg) in line
+
+
+def test_newer_format_version(tmp_path, capsys, artifact):
+    art = _copy(artifact, tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    m["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(m))
+    expect_bad(capsys, None, "verify", art, "--against", f"{ZOO}:mlp", match="format version 99")
+    expect_bad(capsys, None, "inspect", art, match="Upgrade sparsify")
+
+
+def test_corrupted_artifact_checksum_mismatch(tmp_path, capsys, artifact):
+    art = _copy(artifact, tmp_path / "a")
+    w = art / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    expect_bad(capsys, None, "verify", art, "--against", f"{ZOO}:mlp", match="checksum mismatch")
+    out = tmp_path / "b"
+    expect_bad(capsys, out, "bench", art, "--repeat", "1", match="checksum mismatch")
+
+
+def test_truncated_safetensors(tmp_path, capsys, artifact):
+    art = _copy(artifact, tmp_path / "a")
+    w = art / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    expect_bad(capsys, None, "verify", art, "--against", f"{ZOO}:mlp", match="truncated")
+    # a truncated --weights file (no manifest to compare against)
+    out = tmp_path / "o"
+    expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, "--weights", w,
+               match="not a readable safetensors file")
+
+
+def test_verify_against_a_different_model(tmp_path, capsys, artifact):
+    expect_bad(capsys, None, "verify", artifact, "--against", f"{ZOO}:mlp", "--factory-args", '{"hidden": 128}',
+               match="different")
+
+
+def test_cuda_device_without_cuda(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    expect_bad(capsys, None, "bench", f"{ZOO}:mlp", "--device", "cuda", match="no CUDA device")
