@@ -371,6 +371,10 @@ def _load_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
     return tensors
 
 
+#: Parameters that select a rank from the weights (cleared when a saved rank is replayed).
+_RANK_SELECTORS = ("tolerance", "energy", "compression", "flops", "calibration_data")
+
+
 def _escape_glob(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
@@ -385,12 +389,15 @@ def _replay_params(d: dict[str, Any]) -> dict[str, Any]:
                          "sparsify does not know. Upgrade sparsify.")
     params = {k: v for k, v in (d.get("params") or {}).items() if k in spec.defaults}
     res = d.get("result") or {}
-    if "rank" in res and "rank" in spec.defaults:
-        r = res["rank"]
-        params["rank"] = tuple(r) if isinstance(r, list) else r
-        for k in ("tolerance", "compression"):  # the rank is fixed now; do not re-select it
-            if k in params:
-                params[k] = None
+    r = res.get("rank", res.get("ranks"))
+    if r is not None and "rank" in spec.defaults:
+        if isinstance(r, list):
+            r = r[0] if len(r) == 1 else tuple(r)  # one rank recorded as a list (cp) is one rank
+        params["rank"] = r
+        # The rank is fixed now: every other way of selecting one goes back to its default (off).
+        for k in _RANK_SELECTORS:
+            if k in spec.defaults:
+                params[k] = spec.defaults[k]
     return params
 
 

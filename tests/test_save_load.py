@@ -189,3 +189,15 @@ def test_sigint_while_writing_the_artifact(tmp_path):
         pytest.skip("the save finished before the signal arrived")
     assert r.returncode == 130, r.stderr
     assert list(tmp_path.iterdir()) == [], "OUT or temporary files left behind"
+
+
+@pytest.mark.parametrize("method", sorted(set(sparsify.METHODS) - {"block_sparse"}))
+def test_every_factorization_round_trips_through_both_load_paths(tmp_path, method):
+    torch.manual_seed(0)
+    model, x = zoo.cnn().eval(), torch.randn(*zoo.cnn.input_shape)
+    conv = sparsify.sparsify(model, method=method, rank=4, min_size=1, example_inputs=(x,))
+    out = sparsify.save(conv, tmp_path / "m", example_inputs=(x,))
+    y = conv(x)
+    assert torch.equal(sparsify.load(out, factory=zoo.cnn)(x), y)
+    if json.loads((out / "manifest.json").read_text())["exported"]:
+        assert torch.equal(sparsify.load(out)(x), y)
