@@ -26,20 +26,38 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CPUExecutor", "apply_epilogue", "clear_dense_cache", "ACTIVATIONS"]
+__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", "dense_weight", "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
-# Above this density the dense path wins at every batch size we measured; below
-# it, BSR wins for many rows and gather for a few.
-DENSE_ABOVE_DENSITY = 0.3
+PATHS = ("dense", "bsr", "gather")
+
+# The cost model, fitted to `python -m sparsify.bench bsmm --paths` on CPUs
+# (docs/benchmarks.md has the figures).  Rows are rows of input (tokens).
+#
+# * Up to GATHER_MAX_ROWS rows the product is a matrix-vector one, bound by
+#   reading the weight: the gathered batched matmul reads only the stored
+#   blocks and beats both torch's BSR (MKL) and the dense matmul up to
+#   GATHER_MAX_DENSITY.
+# * Above that, torch's BSR matmul wins below a density that falls as the
+#   rows grow (MKL's BSR kernel runs at a fraction of the dense GEMM's
+#   FLOP rate, and the dense GEMM reaches its peak only with many rows):
+#   BSR_MAX_DENSITY_FEW_ROWS up to BSR_FEW_ROWS rows, BSR_MAX_DENSITY beyond.
+# * Everything else, and every dtype torch's CPU BSR does not take, is dense
+#   (or gather, for bf16/fp16 at low density, where it beats the dense matmul).
 GATHER_MAX_ROWS = 16
-# torch's CPU BSR matmul supports these dtypes.
+GATHER_MAX_DENSITY = 0.6
+BSR_FEW_ROWS = 256
+BSR_MAX_DENSITY_FEW_ROWS = 0.3
+BSR_MAX_DENSITY = 0.175
+GATHER_MAX_DENSITY_NO_BSR = 0.15
+# Kept for callers of the first version: the density above which dW is
+# computed as one dense product and its stored blocks picked out.
+DENSE_ABOVE_DENSITY = 0.3
+# torch's CPU BSR matmul supports these dtypes (MKL; bf16 and fp16 raise).
 _BSR_DTYPES = (torch.float32, torch.float64)
 # Upper bound on the temporaries of the gather paths (bytes).
 _GATHER_BYTES = 64 << 20
-
-_PATHS = ("dense", "bsr", "gather")
 
 # torch warns on every BSR construction that the format is in beta; we use it
 # deliberately and test it, so the warning says nothing to our users.
@@ -70,19 +88,60 @@ def _density(meta, n_block_rows: int, n_block_cols: int) -> float:
 
 
 def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
-    """The cost model: which path is fastest for ``rows`` input rows at ``density``."""
+    """The cost model: the fastest path for ``rows`` rows of input at block ``density``.
+
+    ``SPARSIFY_CPU_PATH=dense|bsr|gather`` overrides it (``bsr`` falls back to
+    ``dense`` for dtypes torch's CPU BSR matmul does not take).
+
+    Example:
+        >>> choose_path(1024, 0.5, torch.float32)
+        'dense'
+        >>> choose_path(1024, 0.05, torch.bfloat16)  # no CPU BSR for bf16
+        'gather'
+    """
+    bsr_ok = dtype in _BSR_DTYPES
     forced = os.environ.get("SPARSIFY_CPU_PATH")
     if forced:
-        if forced not in _PATHS:
-            raise ValueError(f"SPARSIFY_CPU_PATH={forced!r}: expected one of {_PATHS}.")
-        if forced == "bsr" and dtype not in _BSR_DTYPES:
-            return "dense"
-        return forced
-    if density >= DENSE_ABOVE_DENSITY:
-        return "dense"
+        if forced not in PATHS:
+            raise ValueError(f"SPARSIFY_CPU_PATH={forced!r}: expected one of {PATHS}.")
+        return "dense" if forced == "bsr" and not bsr_ok else forced
     if rows <= GATHER_MAX_ROWS:
-        return "gather"
-    return "bsr" if dtype in _BSR_DTYPES else "dense"
+        return "gather" if density < GATHER_MAX_DENSITY else "dense"
+    if not bsr_ok:
+        return "gather" if density < GATHER_MAX_DENSITY_NO_BSR else "dense"
+    limit = BSR_MAX_DENSITY_FEW_ROWS if rows <= BSR_FEW_ROWS else BSR_MAX_DENSITY
+    return "bsr" if density < limit else "dense"
+
+
+# ------------------------------------------------- forms derived from weights
+def _cacheable(values: torch.Tensor, static: bool) -> bool:
+    return (
+        static
+        and not torch.is_grad_enabled()
+        and not torch._C._are_functorch_transforms_active()
+        and not isinstance(values, torch._subclasses.FakeTensor)
+    )
+
+
+def _cached(values: torch.Tensor, meta, what: str, shape, build):
+    """``build()``, cached on ``values`` under ``what`` until ``values`` or the layout changes.
+
+    The key holds the version counter (bumped by every in-place op outside
+    ``.data``) and the storage of the values and of the layout."""
+    key = (values._version, values.data_ptr(), meta.col_indices.data_ptr(), meta.row_offsets.data_ptr(), shape)
+    store = getattr(values, "_sparsify_cache", None)
+    if store is not None:
+        hit = store.get(what)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    form = build()
+    try:
+        if store is None:
+            store = values._sparsify_cache = {}
+        store[what] = (key, form)
+    except (AttributeError, RuntimeError):
+        pass
+    return form
 
 
 def _materialize(values: torch.Tensor, meta, shape: tuple[int, int]) -> torch.Tensor:
@@ -95,42 +154,43 @@ def _materialize(values: torch.Tensor, meta, shape: tuple[int, int]) -> torch.Te
 
 
 def dense_weight(values: torch.Tensor, meta, shape: tuple[int, int], static: bool = False) -> torch.Tensor:
-    """The materialized ``shape`` weight; cached on ``values`` until it changes if ``static``."""
-    if (
-        not static
-        or torch.is_grad_enabled()
-        or torch._C._are_functorch_transforms_active()
-        or isinstance(values, torch._subclasses.FakeTensor)
-    ):
+    """The materialized ``shape`` weight; cached on ``values`` until it changes if ``static``.
+
+    The cache is used only with grad off (inference): writes through ``.data``
+    (gradcheck, old pruning code) bypass the version counter, and a cached
+    tensor must never enter an autograd graph."""
+    if not _cacheable(values, static):
         return _materialize(values, meta, shape)
-    key = (values._version, values.data_ptr(), meta.col_indices.data_ptr(), shape)
-    cached = getattr(values, "_sparsify_dense", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    w = _materialize(values.detach(), meta, shape)
-    try:
-        values._sparsify_dense = (key, w)
-    except (AttributeError, RuntimeError):
-        pass
-    return w
+    v = values.detach()
+    return _cached(values, meta, "dense", shape, lambda: _materialize(v, meta, shape).contiguous())
 
 
 def clear_dense_cache(values: torch.Tensor) -> None:
-    """Drop the cached materialized weight of ``values`` (after writes through ``.data``)."""
-    if hasattr(values, "_sparsify_dense"):
-        del values._sparsify_dense
+    """Drop every cached form of ``values`` (after writes through ``.data``)."""
+    for attr in ("_sparsify_cache", "_sparsify_dense"):
+        if hasattr(values, attr):
+            delattr(values, attr)
 
 
 def _pad_cols(x: torch.Tensor, cols: int) -> torch.Tensor:
     return x if x.shape[1] == cols else F.pad(x, (0, cols - x.shape[1]))
 
 
-def _bsr_matmul(values, row_offsets, col_indices, x, out_rows: int) -> torch.Tensor:
-    """``W @ x.T`` as ``[M, out_rows]`` with W given as BSR (padded shape)."""
+def _bsr_tensor(values, row_offsets, col_indices, cols: int) -> torch.Tensor:
     nnz, b, _ = values.shape
     nbr = row_offsets.numel() - 1
-    kp = x.shape[1]
-    w = torch.sparse_bsr_tensor(row_offsets, col_indices, values.contiguous(), size=(nbr * b, kp))
+    return torch.sparse_bsr_tensor(row_offsets, col_indices, values.contiguous(), size=(nbr * b, cols),
+                                   check_invariants=False)
+
+
+def _bsr_matmul(values, row_offsets, col_indices, x, out_rows: int, w=None) -> torch.Tensor:
+    """``x @ W.T`` as ``[M, out_rows]`` with W given as BSR (padded shape); ``w`` a prebuilt BSR ``W``.
+
+    ``bsr @ x.T`` (MKL's BSR x dense product on the strided view) measured
+    faster than ``torch.sparse.mm`` and than ``bsr @ x.T.contiguous()`` and
+    ``F.linear(x, bsr)`` does not run under inference mode (docs/benchmarks.md)."""
+    if w is None:
+        w = _bsr_tensor(values, row_offsets, col_indices, x.shape[1])
     return (w @ x.T).T[:, :out_rows]
 
 
@@ -163,7 +223,12 @@ class CPUExecutor:
         if path == "dense":
             y = x @ dense_weight(values, meta, (out_features, k), static_weight).T
         elif path == "bsr":
-            y = _bsr_matmul(values, meta.row_offsets, meta.col_indices, _pad_cols(x, nbc * b), out_features)
+            w = None
+            if _cacheable(values, static_weight):
+                v = values.detach()
+                w = _cached(values, meta, "bsr", (out_features, k),
+                            lambda: _bsr_tensor(v, meta.row_offsets, meta.col_indices, nbc * b))
+            y = _bsr_matmul(values, meta.row_offsets, meta.col_indices, _pad_cols(x, nbc * b), out_features, w)
         else:
             y = _gather_matmul(
                 values, meta.row_indices.long(), meta.col_indices.long(), _pad_cols(x, nbc * b), nbr, out_features
