@@ -67,7 +67,7 @@ def _longest_first(offsets: torch.Tensor) -> torch.Tensor:
 
 def _plan(meta) -> _Plan:
     ro = meta.row_offsets
-    tag = (ro._version, meta.t_row_offsets._version, ro.data_ptr(), meta.t_row_offsets.data_ptr())
+    tag = tuple((t._version, t.data_ptr()) for t in (ro, meta.col_indices, meta.t_row_offsets))
     cached = getattr(ro, "_sparsify_cuda_plan", None)
     if cached is not None and cached[0] == tag:
         return cached[1]
