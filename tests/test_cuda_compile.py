@@ -23,6 +23,9 @@ pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip insta
 from sparsify.runtime.cuda import compiler, kernels  # noqa: E402
 from sparsify.runtime.cuda.cache import DiskCache  # noqa: E402
 
+# NVRTC compiles are shared through the in-process memo: keep these tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("nvrtc")
+
 ARCHS = ("sm_80", "sm_90")
 REGISTERS_PER_SM = 65536
 

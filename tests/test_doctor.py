@@ -11,6 +11,9 @@ from sparsify.runtime.cuda import compiler, kernels
 
 pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install -e '.[cuda]')")
 
+# NVRTC compiles are shared through the in-process memo: keep these tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("nvrtc")
+
 
 def test_reports_the_environment(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
