@@ -15,7 +15,15 @@ from .decision import Decision, Plan
 from .errors import InputError
 from .io import load, save
 from .methods import METHODS
-from .modules import BlockSparseLinear, LowRankLinear
+from .modules import (
+    BlockSparseLinear,
+    CPConv,
+    CPLinear,
+    LowRankLinear,
+    TTLinear,
+    TuckerConv,
+    TuckerLinear,
+)
 from .report import Report
 from .runtime import BlockSparseLayout
 
@@ -23,12 +31,17 @@ __all__ = [
     "METHODS",
     "BlockSparseLayout",
     "BlockSparseLinear",
+    "CPConv",
+    "CPLinear",
     "Decision",
     "InputError",
     "LowRankLinear",
     "Plan",
     "Report",
     "Rule",
+    "TTLinear",
+    "TuckerConv",
+    "TuckerLinear",
     "SparsifyConfig",
     "densify",
     "load",

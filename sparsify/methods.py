@@ -28,7 +28,11 @@ def _block_size(v: Any) -> None:
 
 
 def _rank(v: Any) -> None:
-    if v is None:
+    if v is None or v in ("same", "vbmf"):
+        return
+    if isinstance(v, (tuple, list)):
+        if not v or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in v):
+            raise ValueError(f"expected per-mode ranks as ints >= 1; got {v!r}")
         return
     if isinstance(v, bool):
         raise ValueError(f"expected an int >= 1 or a fraction in (0, 1]; got {v!r}")
@@ -50,12 +54,59 @@ def _fraction_open(v: Any) -> None:
         raise ValueError(f"expected a number in (0, 1); got {v!r}")
 
 
+def _energy(v: Any) -> None:
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise ValueError(f"expected a fraction of the spectrum's energy in (0, 1]; got {v!r}. 0.9 keeps 90%")
+
+
+def _compression(v: Any) -> None:
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 1.0:
+        raise ValueError(f"expected a reduction factor > 1; got {v!r}. 4.0 keeps a quarter of the parameters")
+
+
+def _flag(v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected True or False; got {v!r}")
+
+
+def _calibration_data(v: Any) -> None:
+    import torch
+
+    if v is None or isinstance(v, torch.Tensor):
+        return
+    if isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        return
+    raise ValueError(f"expected a tensor or a tuple of tensors (the model's positional inputs); "
+                     f"got {type(v).__name__}")
+
+
+def _rank_multiple(v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"expected an int >= 1; got {v!r}. 8 rounds ranks for tensor cores")
+
+
+def _forward(v: Any) -> None:
+    if v not in ("auto", "factorized", "reconstructed"):
+        raise ValueError(f"expected 'auto', 'factorized' or 'reconstructed'; got {v!r}")
+
+
 #: Validators by parameter name; a method's parameters must all appear here.
 PARAM_VALIDATORS: dict[str, Callable[[Any], None]] = {
     "density": _density,
     "block_size": _block_size,
     "rank": _rank,
     "tolerance": _fraction_open,
+    # tensor factorizations (issue #3): see sparsify/ranks.py and docs/factorized.md
+    "energy": _energy,
+    "compression": _compression,
+    "flops": _flag,
+    "calibration_data": _calibration_data,
+    "rank_multiple": _rank_multiple,
+    "forward": _forward,
 }
 
 
@@ -104,10 +155,51 @@ register_method(MethodSpec(
     layer_types=("Linear",),
     description="keep the largest-norm blocks of the weight",
 ))
+#: Parameters every factorization takes beyond ``rank`` / ``tolerance`` (issue #3).
+_GLOBAL_DEFAULTS: dict[str, Any] = {
+    "energy": None, "compression": None, "flops": False, "calibration_data": None, "rank_multiple": 1,
+}
+_RANK_SOURCES = ("rank", "tolerance", "energy", "compression")
+
+
+def _resolve_factorization(method: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def resolve(params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("flops") and params.get("compression") is None:
+            raise ValueError(f"method {method!r}: flops=True makes compression= a FLOP reduction target; "
+                             "give compression= too (e.g. compression=2.0, flops=True)")
+        if params.get("calibration_data") is not None and params.get("compression") is None:
+            raise ValueError(f"method {method!r}: calibration_data= is used by the global allocation; "
+                             "give compression= too, or drop calibration_data=")
+        if method == "low_rank" and isinstance(params.get("rank"), (tuple, list)):
+            raise ValueError("method 'low_rank' takes one rank, not per-mode ranks")
+        if method == "low_rank" and params.get("rank") == "same":
+            params = {**params, "rank": 1.0}
+        if method != "tucker" and method != "low_rank" and params.get("rank") == "vbmf":
+            raise ValueError(f"method {method!r}: rank='vbmf' is for 'tucker' and 'low_rank'")
+        return params
+    return resolve
+
+
 register_method(MethodSpec(
     name="low_rank",
-    defaults={"rank": None, "tolerance": None},
+    defaults={"rank": None, "tolerance": None, **_GLOBAL_DEFAULTS},
     layer_types=("Linear",),
     description="truncated SVD into two thin Linear factors",
-    required_any=("rank", "tolerance"),
+    required_any=_RANK_SOURCES,
+    resolve=_resolve_factorization("low_rank"),
 ))
+for _name, _types, _what in (
+    ("cp", ("Linear", "Conv1d", "Conv2d"),
+     "CP: Lebedev 1x1 / depthwise / 1x1 convs; CP of the tensorized weight for Linear"),
+    ("tucker", ("Linear", "Conv1d", "Conv2d"),
+     "Tucker: Tucker-2 (1x1, core, 1x1) for convs; Tucker of the tensorized weight for Linear"),
+    ("tt", ("Linear",), "TT-matrix (tensor train) of the tensorized weight"),
+):
+    register_method(MethodSpec(
+        name=_name,
+        defaults={"rank": None, "tolerance": None, **_GLOBAL_DEFAULTS, "forward": "auto"},
+        layer_types=_types,
+        description=_what,
+        required_any=_RANK_SOURCES,
+        resolve=_resolve_factorization(_name),
+    ))

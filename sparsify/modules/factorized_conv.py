@@ -1,0 +1,386 @@
+"""Factorized Conv1d / Conv2d layers: Tucker-2 (Kim et al. 2016) and CP (Lebedev et al. 2015).
+
+    TuckerConv  1x1 conv to R_in -> k x k core conv (the layer's stride, padding,
+                dilation and padding_mode) -> 1x1 conv to out, with the bias
+    CPConv      1x1 conv to R -> depthwise k_h x 1 -> depthwise 1 x k_w -> 1x1 conv
+                to out, with the bias; stride, padding and dilation split per
+                axis, so asymmetric settings survive
+
+Every conv setting is kept exactly:
+
+* ``groups``: each group is factorized on its own, as grouped 1x1 / core convs
+  (a ``groups=g`` layer gives ``groups=g`` factor convs; CP's depthwise stages
+  have ``g * R`` groups), so ``to_dense()`` is block-diagonal like the weight.
+* ``padding='same'`` (and 'valid', ints, tuples) becomes explicit per-axis
+  (left, right) padding, as torch computes it (left = total // 2).
+* ``padding_mode`` 'reflect' / 'replicate' / 'circular' pads with ``F.pad`` in
+  that mode before the spatial stage(s).  This is exact: the 1x1 stage before
+  commutes with padding (padding copies or zero-fills whole pixels, and that
+  stage has no bias), and for CP, padding the W axis after the k_h x 1 stage
+  equals padding it before, because that stage acts on each column alone.
+
+The forward is plain ``F.conv1d`` / ``F.conv2d`` / ``F.pad`` calls, so it
+traces with torch.fx.  With ``forward="reconstructed"`` the module rebuilds the
+weight (``to_dense()``) and runs one conv with the layer's settings instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import decompose
+from .. import ranks as rank_sel
+from .factorized_linear import FORWARDS
+
+__all__ = ["TuckerConv", "CPConv", "conv_padding"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_SPATIAL = "xy"
+
+
+def conv_padding(layer: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Per spatial axis ``(left, right)`` padding of a ConvNd, as torch applies it.
+
+    Example:
+        >>> conv_padding(torch.nn.Conv2d(1, 1, (4, 3), padding="same", dilation=(1, 2)))
+        ((1, 2), (2, 2))
+    """
+    k, d = layer.kernel_size, layer.dilation
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return tuple((0, 0) for _ in k)
+        out = []
+        for kk, dd in zip(k, d):
+            total = dd * (kk - 1)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    return tuple((p, p) for p in layer.padding)
+
+
+class _FactorizedConv(nn.Module):
+    """Settings shared by the factorized convs and the padded spatial conv they run."""
+
+    method_name = "?"
+
+    def _setup(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+               bias, forward, device, dtype) -> None:
+        if forward not in FORWARDS:
+            raise ValueError(f"{type(self).__name__}: expected forward= one of {FORWARDS}; got {forward!r}")
+        self.dim = len(kernel_size)
+        if self.dim not in _CONV:
+            raise ValueError(f"{type(self).__name__}: only Conv1d and Conv2d; got a {self.dim}-d kernel")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"{type(self).__name__}: groups={groups} must divide in_channels={in_channels} "
+                             f"and out_channels={out_channels}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"{type(self).__name__}: unknown padding_mode {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.dilation = tuple(stride), tuple(dilation)
+        self.padding = tuple((int(a), int(b)) for a, b in padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        self.forward_mode = forward
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        self.relative_error: float | None = None
+
+    def _pointwise(self, channels_out: int, channels_in_per_group: int, device, dtype) -> nn.Parameter:
+        return nn.Parameter(torch.randn(channels_out, channels_in_per_group, *([1] * self.dim), device=device,
+                                        dtype=dtype) / math.sqrt(channels_in_per_group))
+
+    def _padded_conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int, axes: Sequence[int],
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Conv with the layer's padding / stride / dilation on ``axes`` only (identity on the others)."""
+        pads = [self.padding[a] if a in axes else (0, 0) for a in range(self.dim)]
+        stride = tuple(self.stride[a] if a in axes else 1 for a in range(self.dim))
+        dilation = tuple(self.dilation[a] if a in axes else 1 for a in range(self.dim))
+        conv = _CONV[self.dim]
+        if self.padding_mode == "zeros" and all(a == b for a, b in pads):
+            return conv(x, weight, bias, stride, tuple(a for a, _ in pads), dilation, groups)
+        flat: list[int] = []
+        for a, b in reversed(pads):  # F.pad takes the last axis first
+            flat += [a, b]
+        if any(flat):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, flat, mode=mode)
+        return conv(x, weight, bias, stride, 0, dilation, groups)
+
+    def to_dense_module(self) -> nn.Module:
+        """An ``nn.Conv1d`` / ``nn.Conv2d`` with this module's settings and ``to_dense()`` weight."""
+        w = self.to_dense()
+        cls = nn.Conv1d if self.dim == 1 else nn.Conv2d
+        sym = all(a == b for a, b in self.padding)
+        if sym:
+            padding: int | tuple | str = tuple(a for a, _ in self.padding)
+        elif all(s == 1 for s in self.stride):
+            padding = "same"  # the only way torch pads asymmetrically; _setup got it from 'same'
+        else:
+            raise ValueError(f"{type(self).__name__}: asymmetric padding {self.padding} with stride "
+                             f"{self.stride} has no nn.Conv equivalent")
+        conv = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=padding,
+                   dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                   padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
+        if padding == "same" and conv_padding(conv) != self.padding:
+            raise ValueError(f"{type(self).__name__}: padding {self.padding} has no nn.Conv equivalent")
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def _out_spatial(self, spatial: Sequence[int], axes: Sequence[int]) -> list[int]:
+        out = list(spatial)
+        for a in axes:
+            total = spatial[a] + sum(self.padding[a])
+            out[a] = (total - self.dilation[a] * (self.kernel_size[a] - 1) - 1) // self.stride[a] + 1
+        return out
+
+    def dense_flops(self, input_shape: Sequence[int]) -> int:
+        batch, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        out = math.prod(self._out_spatial(spatial, range(self.dim)))
+        per_out = self.in_channels // self.groups * math.prod(self.kernel_size)
+        return 2 * batch * out * self.out_channels * per_out + (batch * out * self.out_channels if self.bias is not None else 0)
+
+    def flops(self, input_shape: Sequence[int]) -> int:
+        """FLOPs of the forward this module runs (``forward_mode``) on ``input_shape``."""
+        if self.forward_mode == "reconstructed":
+            return self.reconstructed_flops(input_shape)
+        return self.factorized_flops(input_shape)
+
+    def reconstructed_flops(self, input_shape: Sequence[int]) -> int:
+        return self.dense_flops(input_shape) + self.reconstruction_flops()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "reconstructed":
+            return self._padded_conv(x, self.to_dense(), self.groups, range(self.dim), self.bias)
+        return self._factorized(x)
+
+    def _settings_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None}, forward={self.forward_mode!r}")
+
+    @staticmethod
+    def _settings_of(layer: nn.Module) -> dict:
+        if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            raise TypeError(f"expected an nn.Conv1d or nn.Conv2d; got {type(layer).__name__}")
+        return dict(kernel_size=layer.kernel_size, stride=layer.stride, padding=conv_padding(layer),
+                    dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
+                    bias=layer.bias is not None)
+
+    @staticmethod
+    def _groups_of(layer: nn.Module) -> list[torch.Tensor]:
+        w = layer.weight.detach().to(torch.float64)
+        return list(w.chunk(layer.groups, dim=0))
+
+    def _finish(self, layer: nn.Module):
+        w64 = layer.weight.detach().to(torch.float64)
+        with torch.no_grad():
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias.detach().to(torch.float64))
+            err = torch.linalg.norm(self.to_dense() - w64) / torch.linalg.norm(w64).clamp_min(1e-300)
+        self.relative_error = float(err)
+        return self.to(layer.weight.dtype)
+
+
+class TuckerConv(_FactorizedConv):
+    """Tucker-2 conv: ``ranks = (R_out, R_in)`` per group.
+
+    Parameters: ``first_weight [g R_in, in/g, 1..]``, ``core_weight [g R_out, R_in, k..]``,
+    ``last_weight [out, R_out, 1..]``, ``bias``.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(16, 32, 3, stride=(2, 1), padding=1, padding_mode="reflect")
+        >>> layer = TuckerConv.from_dense(conv, rank=(8, 4))
+        >>> layer.ranks, layer(torch.randn(2, 16, 9, 9)).shape == conv(torch.randn(2, 16, 9, 9)).shape
+        ((8, 4), True)
+    """
+
+    method_name = "tucker"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: Sequence[int], *,
+                 stride: Sequence[int], padding: Sequence[tuple[int, int]], dilation: Sequence[int], groups: int = 1,
+                 padding_mode: str = "zeros", bias: bool = True, forward: str = "factorized",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                    bias, forward, device, dtype)
+        r_out, r_in = (int(r) for r in ranks)
+        cin, cout = in_channels // groups, out_channels // groups
+        if not (1 <= r_out <= cout and 1 <= r_in <= cin):
+            raise ValueError(f"TuckerConv: ranks (R_out, R_in) must be within [1, {cout}] x [1, {cin}] "
+                             f"(channels per group); got {tuple(ranks)}")
+        self.ranks = (r_out, r_in)
+        self.first_weight = self._pointwise(groups * r_in, cin, device, dtype)
+        self.core_weight = nn.Parameter(torch.randn(groups * r_out, r_in, *self.kernel_size, device=device,
+                                                    dtype=dtype) / math.sqrt(r_in * math.prod(self.kernel_size)))
+        self.last_weight = self._pointwise(out_channels, r_out, device, dtype)
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        conv = _CONV[self.dim]
+        h = conv(x, self.first_weight, None, 1, 0, 1, self.groups)
+        h = self._padded_conv(h, self.core_weight, self.groups, range(self.dim))
+        return conv(h, self.last_weight, self.bias, 1, 0, 1, self.groups)
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact weight ``[out, in/g, k..]`` the factors represent; differentiable."""
+        g, (r_out, r_in) = self.groups, self.ranks
+        sp = _SPATIAL[: self.dim]
+        u = self.last_weight.reshape(g, self.out_channels // g, r_out)
+        core = self.core_weight.reshape(g, r_out, r_in, *self.kernel_size)
+        v = self.first_weight.reshape(g, r_in, self.in_channels // g)
+        h = torch.einsum(f"grs{sp},gsi->gri{sp}", core, v)
+        w = torch.einsum(f"gor,gri{sp}->goi{sp}", u, h)
+        return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
+
+    def factorized_flops(self, input_shape: Sequence[int]) -> int:
+        batch, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        r_out, r_in = self.ranks
+        s_in, s_out = math.prod(spatial), math.prod(self._out_spatial(spatial, range(self.dim)))
+        k = math.prod(self.kernel_size)
+        f = 2 * batch * s_in * self.in_channels * r_in
+        f += 2 * batch * s_out * self.groups * r_out * r_in * k
+        f += 2 * batch * s_out * self.out_channels * r_out
+        return f + (batch * s_out * self.out_channels if self.bias is not None else 0)
+
+    def reconstruction_flops(self) -> int:
+        r_out, r_in = self.ranks
+        k, cin = math.prod(self.kernel_size), self.in_channels // self.groups
+        return 2 * self.groups * r_out * r_in * k * cin + 2 * self.out_channels * r_out * cin * k
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, rank=0.25, *, tolerance: float | None = None,
+                   energy: float | None = None, rank_multiple: int = 1, forward: str = "factorized",
+                   n_iter_max: int = 20) -> TuckerConv:
+        """Tucker-2 (HOSVD + HOOI on the output- and input-channel modes) of each group's
+        kernel; ``rank`` as in :func:`sparsify.ranks.tucker_ranks` on modes (0, 1)."""
+        settings = cls._settings_of(layer)
+        groups = cls._groups_of(layer)
+        rs = rank_sel.tucker_ranks(groups, (0, 1), rank, tolerance=tolerance, energy=energy,
+                                   rank_multiple=rank_multiple)
+        new = cls(layer.in_channels, layer.out_channels, settings.pop("kernel_size"), rs, **settings,
+                  forward=forward, dtype=torch.float64)
+        firsts, cores, lasts = [], [], []
+        for wg in groups:
+            core, (u, v) = decompose.tucker(wg, rs, (0, 1), n_iter_max=n_iter_max)
+            lasts.append(u)
+            cores.append(core)
+            firsts.append(v.T)
+        with torch.no_grad():
+            new.last_weight.copy_(torch.cat(lasts).reshape(new.last_weight.shape))
+            new.core_weight.copy_(torch.cat(cores).reshape(new.core_weight.shape))
+            new.first_weight.copy_(torch.cat(firsts).reshape(new.first_weight.shape))
+        return new._finish(layer)
+
+    def extra_repr(self) -> str:
+        return self._settings_repr() + f", ranks={self.ranks}"
+
+
+class CPConv(_FactorizedConv):
+    """CP conv (Lebedev et al. 2015): rank ``R`` per group, one depthwise stage per spatial axis.
+
+    Parameters: ``weights [g R]`` (the CP weights), ``first_weight [g R, in/g, 1..]``,
+    ``spatial_weights[a] [g R, 1, (k_a on axis a, 1 elsewhere)]``, ``last_weight [out, R, 1..]``, ``bias``.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(8, 8, 3, stride=(1, 2), padding=(0, 1))
+        >>> layer = CPConv.from_dense(conv, rank=6)
+        >>> layer(torch.randn(1, 8, 7, 7)).shape
+        torch.Size([1, 8, 5, 4])
+    """
+
+    method_name = "cp"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], rank: int, *,
+                 stride: Sequence[int], padding: Sequence[tuple[int, int]], dilation: Sequence[int], groups: int = 1,
+                 padding_mode: str = "zeros", bias: bool = True, forward: str = "factorized",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                    bias, forward, device, dtype)
+        if rank < 1:
+            raise ValueError(f"CPConv: expected rank >= 1; got {rank}")
+        self.rank = int(rank)
+        gr = groups * self.rank
+        self.weights = nn.Parameter(torch.ones(gr, device=device, dtype=dtype))
+        self.first_weight = self._pointwise(gr, in_channels // groups, device, dtype)
+        shapes = [[gr, 1] + [k if b == a else 1 for b, k in enumerate(self.kernel_size)] for a in range(self.dim)]
+        self.spatial_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(*s, device=device, dtype=dtype) / math.sqrt(self.kernel_size[a]))
+             for a, s in enumerate(shapes)])
+        self.last_weight = self._pointwise(out_channels, self.rank, device, dtype)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.rank,)
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        conv = _CONV[self.dim]
+        gr = self.groups * self.rank
+        h = conv(x, self.first_weight, None, 1, 0, 1, self.groups)
+        for a, sw in enumerate(self.spatial_weights):
+            if a == 0:
+                sw = sw * self.weights.view(-1, *([1] * (self.dim + 1)))
+            h = self._padded_conv(h, sw, gr, (a,))
+        return conv(h, self.last_weight, self.bias, 1, 0, 1, self.groups)
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact weight ``[out, in/g, k..]`` the factors represent; differentiable."""
+        g, r = self.groups, self.rank
+        sp = _SPATIAL[: self.dim]
+        a = self.last_weight.reshape(g, self.out_channels // g, r) * self.weights.reshape(g, 1, r)
+        b = self.first_weight.reshape(g, r, self.in_channels // g)
+        cs = [sw.reshape(g, r, k) for sw, k in zip(self.spatial_weights, self.kernel_size)]
+        spatial = cs[0] if self.dim == 1 else torch.einsum("grx,gry->grxy", cs[0], cs[1])
+        h = torch.einsum(f"gri,gr{sp}->gri{sp}", b, spatial)
+        w = torch.einsum(f"gor,gri{sp}->goi{sp}", a, h)
+        return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
+
+    def factorized_flops(self, input_shape: Sequence[int]) -> int:
+        batch, spatial = math.prod(input_shape[:-self.dim - 1]), list(input_shape[-self.dim:])
+        gr = self.groups * self.rank
+        f = 2 * batch * math.prod(spatial) * self.in_channels * self.rank
+        for a in range(self.dim):
+            spatial = self._out_spatial(spatial, (a,))
+            f += 2 * batch * math.prod(spatial) * gr * self.kernel_size[a]
+        f += 2 * batch * math.prod(spatial) * self.out_channels * self.rank
+        return f + (batch * math.prod(spatial) * self.out_channels if self.bias is not None else 0)
+
+    def reconstruction_flops(self) -> int:
+        k, cin = math.prod(self.kernel_size), self.in_channels // self.groups
+        gr = self.groups * self.rank
+        return 2 * gr * k + 2 * gr * cin * k + 2 * self.out_channels * self.rank * cin * k
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, rank=0.25, *, tolerance: float | None = None,
+                   energy: float | None = None, rank_multiple: int = 1, forward: str = "factorized",
+                   n_iter_max: int = 50) -> CPConv:
+        """CP (ALS, tensorly ``parafac``) of each group's kernel ``[out/g, in/g, k..]``;
+        ``rank`` as in :func:`sparsify.ranks.cp_rank`."""
+        settings = cls._settings_of(layer)
+        groups = cls._groups_of(layer)
+        r = rank_sel.cp_rank(groups, rank, tolerance=tolerance, energy=energy, rank_multiple=rank_multiple)
+        new = cls(layer.in_channels, layer.out_channels, settings.pop("kernel_size"), r, **settings,
+                  forward=forward, dtype=torch.float64)
+        lam, firsts, lasts, spat = [], [], [], [[] for _ in range(new.dim)]
+        for wg in groups:
+            weights, (fo, fi, *fk) = decompose.cp(wg, r, n_iter_max=n_iter_max)
+            lam.append(weights)
+            lasts.append(fo)
+            firsts.append(fi.T)
+            for a, f in enumerate(fk):
+                spat[a].append(f.T)
+        with torch.no_grad():
+            new.weights.copy_(torch.cat(lam))
+            new.last_weight.copy_(torch.cat(lasts).reshape(new.last_weight.shape))
+            new.first_weight.copy_(torch.cat(firsts).reshape(new.first_weight.shape))
+            for a, p in enumerate(new.spatial_weights):
+                p.copy_(torch.cat(spat[a]).reshape(p.shape))
+        return new._finish(layer)
+
+    def extra_repr(self) -> str:
+        return self._settings_repr() + f", rank={self.rank}"
