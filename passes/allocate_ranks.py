@@ -60,16 +60,13 @@ def _nominal_input(layer: nn.Module) -> tuple[int, ...]:
     return (1, layer.in_channels, *side)
 
 
-def _dense_flops_of(d, layer: nn.Module, in_shape) -> int:
+def _dense_flops_of(layer: nn.Module, in_shape) -> int:
+    """The dense layer's FLOPs with its bias adds, counted as the factorized modules count them."""
     if isinstance(layer, nn.Linear):
-        return dense_flops("Linear", tuple(layer.weight.shape), in_shape, in_shape[:-1] + (layer.out_features,))
-    return _no_bias_dense(build("tucker", layer, (1, 1), meta=True), in_shape)
-
-
-def _no_bias_dense(meta, in_shape) -> int:
-    batch, spatial = math.prod(in_shape[:-meta.dim - 1]), in_shape[-meta.dim:]
-    out = math.prod(meta._out_spatial(spatial, range(meta.dim)))
-    return 2 * batch * out * meta.out_channels * (meta.in_channels // meta.groups) * math.prod(meta.kernel_size)
+        out_shape = tuple(in_shape[:-1]) + (layer.out_features,)
+        bias = math.prod(out_shape) if layer.bias is not None else 0
+        return dense_flops("Linear", tuple(layer.weight.shape), in_shape, out_shape) + bias
+    return build("tucker", layer, (1, 1), meta=True).dense_flops(in_shape)
 
 
 # ------------------------------------------------------------- per-layer ranks
@@ -262,7 +259,7 @@ def _chosen_flops(meta: nn.Module, d, layer: nn.Module, p: dict[str, Any]) -> tu
     in_shape = _nominal_input(layer) if nominal else d.input_shape
     if isinstance(meta, nn.Module) and not hasattr(meta, "factorized_flops"):  # LowRankLinear
         return int(meta.flops(in_shape)), "factorized", "LowRankLinear has only the factorized forward"
-    dense = _dense_flops_of(d, layer, in_shape)
+    dense = _dense_flops_of(layer, in_shape)
     fact, rec = meta.factorized_flops(in_shape), meta.reconstructed_flops(in_shape)
     at = f" at a nominal input {in_shape} (no example_inputs)" if nominal else ""
     if forced != "auto":

@@ -1,0 +1,152 @@
+"""Properties of the factorized convs (Tucker-2, CP): every conv setting survives.
+
+For any drawn stride (asymmetric), padding (ints, 'valid', 'same' at stride 1),
+dilation, padding_mode, groups and bias, the factorized conv's output equals
+the output of the plain conv built from its ``to_dense()`` weight with the
+original settings; at full rank it equals the original layer.  float64
+throughout, so 1e-8 relative is ~1e7 x eps: round-off of sums of a few hundred
+terms, never a dropped setting (which gives O(1) errors).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sparsify.passes.factorized import param_formula
+from torch import nn
+
+import sparsify
+from sparsify import decompose
+from sparsify.modules.factorized_conv import CPConv, TuckerConv, conv_padding
+
+from .helpers import rel_err
+
+
+@st.composite
+def convs(draw):
+    dim = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    cin = groups * draw(st.integers(1, 4))
+    cout = groups * draw(st.integers(1, 4))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dim))
+    choices = ["ints", "valid"] + (["same"] if all(s == 1 for s in stride) else [])
+    how = draw(st.sampled_from(choices))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(dim)) if how == "ints" else how
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    bias = draw(st.booleans())
+    cls = nn.Conv1d if dim == 1 else nn.Conv2d
+    conv = cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+               padding_mode=mode).double()
+    return conv
+
+
+def full_rank(cls, conv):
+    cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
+    if cls is TuckerConv:
+        return (cout, cin)
+    return decompose.cp_exact_rank((cout, cin, *conv.kernel_size))
+
+
+@settings(deadline=None)
+@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]), full=st.booleans(),
+       forward=st.sampled_from(["factorized", "reconstructed"]), seed=st.integers(0, 2**16))
+def test_every_setting_preserved(conv, cls, full, forward, seed):
+    torch.manual_seed(seed)
+    rank = full_rank(cls, conv) if full else (1 if cls is CPConv else (1, 1))
+    m = cls.from_dense(conv, rank=rank, forward=forward)
+    x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    y = m(x)
+    ref = m.to_dense_module()  # a plain conv with the original settings and the to_dense() weight
+    assert type(ref) is type(conv)
+    assert (ref.stride, ref.dilation, ref.groups, ref.padding_mode) == (conv.stride, conv.dilation, conv.groups,
+                                                                       conv.padding_mode)
+    assert conv_padding(ref) == conv_padding(conv)
+    assert rel_err(y, ref(x)) < 1e-8
+    if full:
+        assert rel_err(y, conv(x)) < 1e-8
+        assert m.relative_error < 1e-8
+
+
+@settings(deadline=None)
+@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]),
+       forward=st.sampled_from(["factorized", "reconstructed"]))
+def test_backward_matches_autograd_through_to_dense(conv, cls, forward):
+    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1), forward=forward)
+    x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64,
+                    requires_grad=True)
+    ref = conv.__class__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=False,
+                         padding_mode=conv.padding_mode).double()
+    params = list(m.parameters())
+    y1 = m(x)
+    g = torch.randn_like(y1)
+    grads1 = torch.autograd.grad((y1 * g).sum(), [x, *params], allow_unused=True)
+    y2 = ref._conv_forward(x, m.to_dense(), m.bias)
+    grads2 = torch.autograd.grad((y2 * g).sum(), [x, *params], allow_unused=True)
+    assert rel_err(y1, y2) < 1e-8
+    for a, b in zip(grads1, grads2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < 1e-8
+
+
+@settings(deadline=None)
+@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]))
+def test_params_match_formula_and_state_dict(conv, cls):
+    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1))
+    method = "cp" if cls is CPConv else "tucker"
+    ranks = m.rank if cls is CPConv else m.ranks
+    assert sum(p.numel() for p in m.parameters()) == param_formula(method, conv, ranks)
+    twin = cls(conv.in_channels, conv.out_channels, conv.kernel_size, ranks, stride=conv.stride,
+               padding=conv_padding(conv), dilation=conv.dilation, groups=conv.groups,
+               padding_mode=conv.padding_mode, bias=conv.bias is not None, dtype=torch.float64)
+    twin.load_state_dict(m.state_dict())
+    x = torch.randn(1, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
+    torch.testing.assert_close(twin(x), m(x))
+
+
+def test_float32_full_rank():
+    conv = nn.Conv2d(8, 16, 3, stride=(2, 1), padding=(1, 0), padding_mode="reflect")
+    x = torch.randn(2, 8, 10, 10)
+    for cls in (TuckerConv, CPConv):
+        m = cls.from_dense(conv, rank=full_rank(cls, conv))
+        assert m.first_weight.dtype == torch.float32
+        assert rel_err(m(x), conv(x)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["cp", "tucker"])
+def test_cnn_converts_traces_and_densifies(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, stride=2, padding="valid", padding_mode="zeros"), nn.ReLU(),
+                          nn.Conv2d(32, 32, (1, 3), padding="same", padding_mode="circular", groups=2))
+    x = torch.randn(2, 16, 12, 12)
+    conv = sparsify.sparsify(model, method=method, rank=0.5, min_size=0, example_inputs=(x,))
+    assert sum(isinstance(m, (TuckerConv, CPConv)) for m in conv.modules()) >= 2
+    traced = torch.fx.symbolic_trace(conv)
+    torch.testing.assert_close(traced(x), conv(x))
+    torch.testing.assert_close(sparsify.densify(conv)(x), conv(x), rtol=1e-4, atol=1e-5)
+    conv(x).sum().backward()
+
+
+def test_depthwise_left_dense_with_reason():
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1, groups=256))
+    conv = sparsify.sparsify(model, method="tucker", rank=0.5, min_size=0,
+                             example_inputs=(torch.randn(1, 256, 8, 8),))
+    d = conv._sparsify_plan.decisions[0]
+    assert d.method == "dense" and "not fewer than the dense layer" in d.reason
+    assert isinstance(conv.get_submodule("0"), nn.Conv2d)
+
+
+def test_conv_padding_same_matches_torch():
+    for k, dil in [((4, 3), (1, 2)), ((2, 2), (3, 1))]:
+        conv = nn.Conv2d(1, 1, k, padding="same", dilation=dil, bias=False)
+        x = torch.randn(1, 1, 7, 7)
+        pads = conv_padding(conv)
+        flat = [v for a, b in reversed(pads) for v in (a, b)]
+        torch.testing.assert_close(F.conv2d(F.pad(x, flat), conv.weight, dilation=dil), conv(x))
