@@ -35,22 +35,21 @@ PATHS = ("dense", "bsr", "gather")
 # The cost model, fitted to `python -m sparsify.bench bsmm --paths` on CPUs
 # (docs/benchmarks.md has the figures).  Rows are rows of input (tokens).
 #
-# * Up to GATHER_MAX_ROWS rows the product is a matrix-vector one, bound by
-#   reading the weight: the gathered batched matmul reads only the stored
-#   blocks and beats both torch's BSR (MKL) and the dense matmul up to
-#   GATHER_MAX_DENSITY.
-# * Above that, torch's BSR matmul wins below a density that falls as the
-#   rows grow (MKL's BSR kernel runs at a fraction of the dense GEMM's
-#   FLOP rate, and the dense GEMM reaches its peak only with many rows):
-#   BSR_MAX_DENSITY_FEW_ROWS up to BSR_FEW_ROWS rows, BSR_MAX_DENSITY beyond.
-# * Everything else, and every dtype torch's CPU BSR does not take, is dense
-#   (or gather, for bf16/fp16 at low density, where it beats the dense matmul).
-GATHER_MAX_ROWS = 16
-GATHER_MAX_DENSITY = 0.6
+# * A few rows make a matrix-vector product, bound by reading the weight: the
+#   gathered batched matmul reads only the stored blocks and beats torch's BSR
+#   (MKL) and the dense matmul below GATHER_FEW_ROWS_DENSITY.  Up to
+#   GATHER_MAX_ROWS rows it still beats them at low density.
+# * With more rows torch's BSR matmul wins below a density that falls as the
+#   rows grow (MKL's BSR kernel runs at a fraction of the dense GEMM's FLOP
+#   rate, and the dense GEMM reaches its peak only with many rows).
+# * Everything else, and every dtype torch's CPU BSR does not take, is dense.
+GATHER_FEW_ROWS = 16
+GATHER_FEW_ROWS_DENSITY = 0.6
+GATHER_MAX_ROWS = 128
+GATHER_MAX_DENSITY = 0.075
 BSR_FEW_ROWS = 256
 BSR_MAX_DENSITY_FEW_ROWS = 0.3
 BSR_MAX_DENSITY = 0.175
-GATHER_MAX_DENSITY_NO_BSR = 0.15
 # Kept for callers of the first version: the density above which dW is
 # computed as one dense product and its stored blocks picked out.
 DENSE_ABOVE_DENSITY = 0.3
@@ -96,8 +95,10 @@ def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
     Example:
         >>> choose_path(1024, 0.5, torch.float32)
         'dense'
+        >>> choose_path(1024, 0.05, torch.float32)
+        'bsr'
         >>> choose_path(1024, 0.05, torch.bfloat16)  # no CPU BSR for bf16
-        'gather'
+        'dense'
     """
     bsr_ok = dtype in _BSR_DTYPES
     forced = os.environ.get("SPARSIFY_CPU_PATH")
@@ -105,10 +106,12 @@ def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
         if forced not in PATHS:
             raise ValueError(f"SPARSIFY_CPU_PATH={forced!r}: expected one of {PATHS}.")
         return "dense" if forced == "bsr" and not bsr_ok else forced
-    if rows <= GATHER_MAX_ROWS:
-        return "gather" if density < GATHER_MAX_DENSITY else "dense"
+    if rows <= GATHER_FEW_ROWS and density < GATHER_FEW_ROWS_DENSITY:
+        return "gather"
+    if rows <= GATHER_MAX_ROWS and density < GATHER_MAX_DENSITY:
+        return "gather"
     if not bsr_ok:
-        return "gather" if density < GATHER_MAX_DENSITY_NO_BSR else "dense"
+        return "dense"
     limit = BSR_MAX_DENSITY_FEW_ROWS if rows <= BSR_FEW_ROWS else BSR_MAX_DENSITY
     return "bsr" if density < limit else "dense"
 
