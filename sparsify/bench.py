@@ -99,14 +99,15 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
+    repo = Path(__file__).resolve().parent.parent  # the checkout, when installed editable
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).resolve().parent, check=True,
+            cwd=repo, check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "sparsify/bench.py", "runtime"], capture_output=True,
-            text=True, cwd=Path(__file__).resolve().parent, check=True,
+            text=True, cwd=repo, check=True,
         ).stdout.strip()
         if dirty:
             commit += "+dirty"
