@@ -44,7 +44,7 @@ PATHS = ("dense", "bsr", "gather")
 #   rate, and the dense GEMM reaches its peak only with many rows).
 # * Everything else, and every dtype torch's CPU BSR does not take, is dense.
 GATHER_FEW_ROWS = 16
-GATHER_FEW_ROWS_DENSITY = 0.6
+GATHER_FEW_ROWS_DENSITY = 0.4
 GATHER_MAX_ROWS = 128
 GATHER_MAX_DENSITY = 0.075
 BSR_FEW_ROWS = 256
