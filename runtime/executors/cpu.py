@@ -1,21 +1,28 @@
 """The CPU executor: the reference implementation of the block-sparse ops.
 
 It is written with plain torch ops, so it also runs on devices that have no
-kernel executor.  For each call it picks the fastest correct path by a cost
-model fitted to measurements on CPUs (``python -m sparsify.bench bsmm``):
+kernel executor.  For each call :func:`choose_path` (a static cost model
+fitted to ``python -m sparsify.bench bsmm --paths``; docs/benchmarks.md)
+picks one of three paths:
 
 * ``dense``  - multiply by the materialized weight.  When the caller passes
   ``static_weight=True`` (modules do in eval mode) and grad is off, the
   materialized weight is cached on the ``values`` tensor itself, keyed by its
   version counter, so inference pays for it once.  Otherwise it is rebuilt on
   every call: writes through ``.data`` (gradcheck, old pruning code) bypass the
-  version counter.  ``clear_dense_cache(values)`` drops a cached copy.
-* ``bsr``    - torch's BSR sparse x dense matmul (MKL-backed on CPU).
+  version counter.  ``clear_dense_cache(values)`` drops cached forms.
+* ``bsr``    - torch's BSR sparse x dense matmul (MKL-backed on CPU), as
+  ``bsr @ x.T``.  With ``static_weight`` the BSR tensor is cached too; it
+  shares the storage of ``values``, so it never goes stale.
 * ``gather`` - gather the input blocks each stored block needs and run one
   batched matmul over the stored blocks (best for a few rows of input).
 
 ``SPARSIFY_CPU_PATH=dense|bsr|gather`` forces one path (used by the tests to
 prove each path correct).  No path is a Python loop over blocks.
+
+The cost model is static, not a measurement at run time: timings on a shared
+CPU swing by 5-10x with other processes' load (OpenMP threads descheduled),
+so an autotuner run at the first call would bake that noise into the model.
 """
 
 from __future__ import annotations
