@@ -161,7 +161,7 @@ def _weight_levels(method: str, layer: nn.Module, mult: int) -> list[tuple[Any, 
     shape = tuple(ts[0].shape)
     dense = layer.weight.numel()
     r_max = 1
-    while r_max < decompose.cp_max_rank(shape) and param_formula("cp", layer, r_max + 1) < dense:
+    while r_max < decompose.cp_max_rank(tuple(shape)) and param_formula("cp", layer, r_max + 1) < dense:
         r_max += 1
     grid = sorted({rs.round_rank(r, mult, r_max) for r in rs.sample_levels(r_max, 64)})
     anchors = sorted({grid[round(i * (len(grid) - 1) / 4)] for i in range(5)})

@@ -197,7 +197,7 @@ def cp_rank(tensors: torch.Tensor | Sequence[torch.Tensor], rank: RankSpec = Non
     """
     ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
     shape = tuple(ts[0].shape)
-    cap = decompose.cp_max_rank(shape)
+    cap = decompose.cp_max_rank(tuple(shape))
     if tolerance is None and energy is not None:
         tolerance = math.sqrt(max(0.0, 1.0 - energy))
     if tolerance is not None:
