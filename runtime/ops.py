@@ -12,6 +12,9 @@ on the device of ``x``.  Each op has a fake (meta) implementation, and
 models train, re-trace, ``torch.compile`` and ``torch.export``.
 
 Every op runs on the executor that :func:`executor_for` picks for the device.
+Executors may return outputs of any strides; the ops return contiguous ones,
+as their fake implementations say.  :func:`bsmm_eager` is the same forward
+without the dispatcher, for eager calls that need no autograd (see there).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 from .executors import executor_for
 from .executors.cpu import ACTIVATIONS, apply_epilogue
 
-__all__ = ["bsmm", "bsmm_dx", "bsmm_dw", "ACTIVATIONS", "META_NAMES"]
+__all__ = ["bsmm", "bsmm_dx", "bsmm_dw", "bsmm_eager", "eager_inference", "ACTIVATIONS", "META_NAMES"]
 
 META_NAMES = ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 
@@ -85,7 +88,49 @@ def bsmm(
     y = executor_for(x.device).forward(
         x2, values, meta, bias, r2, activation, out_features, out_dtype, static_weight
     )
+    # Executors may return any strides; the op's output is contiguous, as its fake says.
+    return y.reshape(*lead, out_features).contiguous()
+
+
+def bsmm_eager(
+    x: Tensor,
+    values: Tensor,
+    meta: list[Tensor],
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out_features: int,
+    in_features: int,
+    activation: str,
+    static_weight: bool,
+) -> Tensor:
+    """``bsmm``'s forward called on the executor directly, for eager no-grad calls.
+
+    The dispatcher and the custom-op wrapper cost ~30 us a call, a tenth of a
+    whole decode-size product at high sparsity, and the op must return a
+    contiguous result where the executor's natural one may be a transposed
+    view.  Modules call this when nothing needs the op (no autograd, no
+    tracing, compiling or tensor subclasses; see ``eager_inference``).
+    """
+    _check_inputs("bsmm", x, values, in_features, "x")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
+    y = executor_for(x.device).forward(
+        x2, values, _meta(*meta), bias, r2, activation, out_features, None, static_weight
+    )
     return y.reshape(*lead, out_features)
+
+
+def eager_inference(x: Tensor) -> bool:
+    """Whether a call may skip the op: plain tensors, grad off, nothing tracing or compiling."""
+    return (
+        type(x) is Tensor
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 @bsmm.register_fake

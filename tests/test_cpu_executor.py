@@ -191,17 +191,10 @@ def test_cached_weight_follows_in_place_updates(path, mode, monkeypatch):
         torch.testing.assert_close(lin(x), 2 * y1)
 
 
-_GRAD_MODE_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="inside a custom op grad mode always reads False, so the executor cannot see the caller's "
-    "grad mode; BlockSparseLinear must pass static_weight=not self.training and not "
-    "torch.is_grad_enabled() (reported to the lead; remove this marker with that change)",
-)
-
 
 # The cached BSR tensor shares the storage of `values`, so it never goes stale;
 # the cached dense weight is a copy.
-@pytest.mark.parametrize("path", (pytest.param("dense", marks=_GRAD_MODE_XFAIL), "bsr"))
+@pytest.mark.parametrize("path", ("dense", "bsr"))
 def test_cache_never_used_with_grad_enabled(path, monkeypatch):
     monkeypatch.setenv("SPARSIFY_CPU_PATH", path)
     lin, x = _layer()

@@ -138,3 +138,27 @@ def test_low_rank_linear_nd_dtypes_and_state_dict(case, rank):
     again.load_state_dict(st_load(buf.getvalue()))
     with torch.no_grad():
         assert torch.equal(again(x), layer(x))
+
+
+@pytest.mark.parametrize("path", ["dense", "bsr", "gather"])
+@given(linears(dtype=torch.float32), st.sampled_from([8, 16, 32]), st.floats(0.05, 1.0),
+       st.sampled_from(["none", "relu", "gelu", "silu"]), st.booleans())
+def test_eager_fast_path_equals_the_op(path, case, b, density, activation, with_residual):
+    """No-grad eager calls skip the dispatcher; they must compute exactly what the op computes."""
+    import os
+
+    os.environ["SPARSIFY_CPU_PATH"] = path
+    try:
+        lin, x = case
+        layer = BlockSparseLinear.from_dense(lin, density=density, block_size=b, activation=activation).eval()
+        residual = torch.randn(*x.shape[:-1], lin.out_features) if with_residual else None
+        meta = [getattr(layer, n) for n in ("row_offsets", "col_indices", "row_indices", "t_row_offsets",
+                                           "t_col_indices", "t_block_ids")]
+        with torch.no_grad():
+            fast = layer(x, residual)
+            op = torch.ops.sparsify.bsmm(x, layer.values, *meta, layer.bias, residual, lin.out_features,
+                                         lin.in_features, activation, None, False)
+        assert op.is_contiguous() and fast.shape == op.shape
+        torch.testing.assert_close(fast, op, rtol=1e-6, atol=1e-6)
+    finally:
+        del os.environ["SPARSIFY_CPU_PATH"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..runtime import ACTIVATIONS, BlockSparseLayout
-from ..runtime.ops import META_NAMES
+from ..runtime.ops import META_NAMES, bsmm_eager, eager_inference
 
 __all__ = ["BlockSparseLinear", "ACTIVATION_MODULES"]
 
@@ -168,9 +168,15 @@ class BlockSparseLinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         meta = [getattr(self, n) for n in META_NAMES]
+        if eager_inference(x):
+            return bsmm_eager(x, self.values, meta, self.bias, residual, self.out_features,
+                              self.in_features, self.activation, not self.training)
+        # Inside the op grad mode always reads False, so the module says whether the
+        # weight is static: eval mode and grad off (writes through .data bypass versions).
+        static = not self.training and not torch.is_grad_enabled()
         return torch.ops.sparsify.bsmm(
             x, self.values, *meta, self.bias, residual, self.out_features, self.in_features,
-            self.activation, None, not self.training,
+            self.activation, None, static,
         )
 
     def extra_repr(self) -> str:
