@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from sparsify.passes import PIPELINE, PassContext, PassError, run_passes
 from torch import nn
 
 import sparsify
 from sparsify import Rule, SparsifyConfig
-from sparsify.passes import PIPELINE, PassContext, PassError, run_passes
 
 from .archs import TransformerBlock
 from .helpers import rel_err

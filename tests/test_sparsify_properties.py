@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from sparsify.passes import CaptureWarning
 
 import sparsify
-from sparsify.passes import CaptureWarning
 
 from .archs import architectures
 from .helpers import assert_same_state, masked_reference, rel_err, state_snapshot
