@@ -15,9 +15,11 @@ module, and writes into each factorization Decision:
    (the "dense" level) when no factorization of it is worth its size;
 3. the forward (``params["forward"]``, ``result["forward"]`` and why): the
    factorized contraction where its FLOPs are at most the dense layer's, else
-   the weight reconstructed from the factors and one dense op; with
-   ``forward=`` set in the config, that.  A factorization with at least the
-   dense layer's parameters is left dense unless ``forward=`` forces it.
+   the weight reconstructed from the factors and one dense op where that costs
+   no more than the contraction, else the layer stays dense (both would cost
+   more than it); with ``forward=`` set in the config, that.  A factorization
+   with at least the dense layer's parameters is left dense unless
+   ``forward=`` forces it.
 
 ``low_rank`` decisions with only issue-#2 settings (int / float rank,
 tolerance) pass through untouched.
@@ -266,9 +268,13 @@ def _chosen_flops(meta: nn.Module, d, layer: nn.Module, p: dict[str, Any]) -> tu
         return (fact if forced == "factorized" else rec), forced, f"forward={forced!r} set in the config"
     if fact <= dense:
         return fact, "factorized", f"{_n(fact)} FLOPs <= dense {_n(dense)}{at}"
-    return rec, "reconstructed", (f"the factorized contraction would cost {_n(fact)} FLOPs > dense {_n(dense)}{at}; "
-                                  f"the weight is rebuilt from the factors each call ({_n(rec - dense)} FLOPs) "
-                                  "and used in one dense op")
+    if rec <= fact:
+        return rec, "reconstructed", (f"the factorized contraction would cost {_n(fact)} FLOPs > dense {_n(dense)}{at}; "
+                                      f"the weight is rebuilt from the factors each call ({_n(rec - dense)} FLOPs, "
+                                      "independent of the batch) and used in one dense op")
+    return fact, "dense", (f"the factorized contraction ({_n(fact)} FLOPs) and rebuilding the weight "
+                           f"({_n(rec)}) both cost more than the dense layer ({_n(dense)}){at}; "
+                           "set forward= to force one, or lower the rank")
 
 
 def _n(x: int) -> str:
@@ -433,6 +439,11 @@ def _plan_forward(d, layer: nn.Module) -> None:
     tokens = tokens_of(d.input_shape) if isinstance(layer, nn.Linear) else 256
     meta = build(d.method, layer, ranks, meta=True, batch_hint=tokens)
     _, forward, why = _chosen_flops(meta, d, layer, p)
+    if forward == "dense":
+        d.method = "dense"
+        d.reason += f"; left dense: {why}"
+        d.params = {}
+        return
     d.params = {**p, "forward": forward, "batch_hint": tokens}
     d.result["forward"] = forward
     d.result["forward_reason"] = why

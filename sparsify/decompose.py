@@ -66,7 +66,7 @@ def _one_thread():
 CP_MEMORY_MULTIPLE = 16
 #: A sweep budget: a CP runs at most this many FLOPs of ALS sweeps (and at least
 #: ``CP_MIN_SWEEPS`` sweeps), so a large CP converts in seconds, not minutes.
-CP_FLOP_BUDGET = 4e10
+CP_FLOP_BUDGET = 3e11
 CP_MIN_SWEEPS = 8
 
 
