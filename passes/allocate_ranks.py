@@ -16,8 +16,9 @@ module, and writes into each factorization Decision:
 3. the forward (``params["forward"]``, ``result["forward"]`` and why): the
    factorized contraction where its FLOPs are at most the dense layer's, else
    the weight reconstructed from the factors and one dense op where that costs
-   no more than the contraction, else the layer stays dense (both would cost
-   more than it); with ``forward=`` set in the config, that.  A factorization
+   no more than the contraction and at most ``RECONSTRUCT_SLACK`` (25%) more
+   than the dense layer, else the layer stays dense; with ``forward=`` set in
+   the config, that.  A factorization
    with at least the dense layer's parameters is left dense unless
    ``forward=`` forces it.
 
@@ -49,6 +50,9 @@ _PER_LAYER = ("rank", "tolerance", "energy")
 _CALIB_ROWS = 2048     # Linear inputs kept for the output error (rows)
 _CALIB_SAMPLES = 8     # conv inputs kept (batch entries)
 _ANCHORS = 6           # levels at which the output error is measured, then interpolated
+#: The reconstructed forward may cost up to this fraction more than the dense layer (the
+#: per-call rebuild of the weight); past it the layer stays dense unless forward= forces it.
+RECONSTRUCT_SLACK = 0.25
 
 
 def _key(site: LayerSite) -> tuple[str, str | None]:
@@ -56,8 +60,10 @@ def _key(site: LayerSite) -> tuple[str, str | None]:
 
 
 def _nominal_input(layer: nn.Module) -> tuple[int, ...]:
+    """Without example inputs: 256 tokens for a Linear (the batch its path is planned
+    for), one 32x32 image for a conv."""
     if isinstance(layer, nn.Linear):
-        return (1, layer.in_features)
+        return (256, layer.in_features)
     side = [max(32, d * (k - 1) + 1) for k, d in zip(layer.kernel_size, layer.dilation)]
     return (1, layer.in_channels, *side)
 
@@ -241,12 +247,13 @@ def _curve(d, method: str, layer: nn.Module, p: dict[str, Any], calib: torch.Ten
     use_flops = bool(p.get("flops"))
     in_shape = d.input_shape
     out = []
+    hint = tokens_of(in_shape) if isinstance(layer, nn.Linear) else 256
     for (ranks, _), e in zip(levels, errors):
-        if use_flops:
-            meta = build(method, layer, ranks, meta=True, batch_hint=tokens_of(in_shape) if isinstance(layer, nn.Linear) else 256)
-            size = _chosen_flops(meta, d, layer, p)[0]
-        else:
-            size = param_formula(method, layer, ranks)
+        if method != "low_rank" or use_flops:
+            flops, forward, _ = _chosen_flops(build(method, layer, ranks, meta=True, batch_hint=hint), d, layer, p)
+            if forward == "dense":
+                continue  # every forward at these ranks costs more than the dense layer: it would stay dense
+        size = flops if use_flops else param_formula(method, layer, ranks)
         out.append((float(size), float(e), ranks))
     dense_size = (d.flops_before if use_flops else d.params_before)
     out.append((float(dense_size), 0.0, "dense"))
@@ -268,13 +275,13 @@ def _chosen_flops(meta: nn.Module, d, layer: nn.Module, p: dict[str, Any]) -> tu
         return (fact if forced == "factorized" else rec), forced, f"forward={forced!r} set in the config"
     if fact <= dense:
         return fact, "factorized", f"{_n(fact)} FLOPs <= dense {_n(dense)}{at}"
-    if rec <= fact:
+    if rec <= fact and rec <= dense * (1 + RECONSTRUCT_SLACK):
         return rec, "reconstructed", (f"the factorized contraction would cost {_n(fact)} FLOPs > dense {_n(dense)}{at}; "
                                       f"the weight is rebuilt from the factors each call ({_n(rec - dense)} FLOPs, "
                                       "independent of the batch) and used in one dense op")
-    return fact, "dense", (f"the factorized contraction ({_n(fact)} FLOPs) and rebuilding the weight "
-                           f"({_n(rec)}) both cost more than the dense layer ({_n(dense)}){at}; "
-                           "set forward= to force one, or lower the rank")
+    return min(fact, rec), "dense", (f"the factorized contraction ({_n(fact)} FLOPs) and rebuilding the weight "
+                                     f"({_n(rec)}) both cost more than the dense layer ({_n(dense)}){at}; "
+                                     "set forward= to force one, or lower the rank")
 
 
 def _n(x: int) -> str:
@@ -413,6 +420,11 @@ def _allocate_group(module, ctx, sites, group, fixed, compression, use_flops) ->
         raise ValueError(f"sparsify({where}): unreachable: {exc}. Lower compression= or leave more layers "
                          "to the allocation.") from None
     unit = "FLOPs" if use_flops else "parameters"
+    got = fixed_size + sum(c.size for c in curves)
+    if got < 0.98 * budget:
+        ctx.notes.append(
+            f"{where}: reached {before / max(got, 1):.3g}x, not {compression:g}x: the largest factorizations whose "
+            "forward costs no more than the dense layers (at these shapes) are smaller than the target asks")
     for d, c in zip(group, curves):
         if c.spec == "dense":
             d.method = "dense"

