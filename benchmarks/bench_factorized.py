@@ -238,6 +238,7 @@ def bench(args) -> list[dict]:
                     rec_ms = time_ms(partial(_with_forward, om, "reconstructed", x), args.repeats)
                     om.forward_mode = "factorized" if fact_ms < rec_ms else "reconstructed"
                     row["ours_forced"] = om.forward_mode
+                conv.eval()  # inference: the reconstructed forward caches the rebuilt weight
                 om = conv.get_submodule(d.result["module"])
                 row["ours_params"] = nparams(om)
                 row["ours_ranks"] = list(om.ranks)

@@ -14,11 +14,15 @@ module, and writes into each factorization Decision:
    smallest within ``sum(before) / compression``.  A layer may come out dense
    (the "dense" level) when no factorization of it is worth its size;
 3. the forward (``params["forward"]``, ``result["forward"]`` and why): the
-   factorized contraction where its FLOPs are at most the dense layer's, else
-   the weight reconstructed from the factors and one dense op where that costs
-   no more than the contraction and at most ``RECONSTRUCT_SLACK`` (25%) more
-   than the dense layer, else the layer stays dense; with ``forward=`` set in
-   the config, that.  A factorization
+   factorized contraction where its FLOPs are at most the dense layer's and,
+   where the shapes are known (example inputs), its roofline cost
+   (:func:`~sparsify.passes.costs.roofline_cost`: per stage ``max(FLOPs,
+   BALANCE * bytes)``) is at most the dense layer's too; else the weight
+   reconstructed from the factors and one dense op.  The reconstructed module
+   caches the rebuilt weight in eval mode with grad off, so an inference call
+   costs exactly the dense layer's FLOPs (the rebuild is paid once per weight
+   change, and every step in training).  With ``forward=`` set in the config,
+   that.  A factorization
    with at least the dense layer's parameters is left dense unless
    ``forward=`` forces it.
 
@@ -39,7 +43,7 @@ from torch import nn
 from .. import decompose
 from .. import ranks as rs
 from ..modules.low_rank import svd_rank
-from .costs import dense_flops
+from .costs import BALANCE, dense_flops, roofline_cost
 from .factorized import FACTORIZED_METHODS, as_layer, build, layer_tensor, param_formula, tokens_of
 from .infra import PassContext, PassResult
 from .sites import LayerSite, find_sites
@@ -50,9 +54,6 @@ _PER_LAYER = ("rank", "tolerance", "energy")
 _CALIB_ROWS = 2048     # Linear inputs kept for the output error (rows)
 _CALIB_SAMPLES = 8     # conv inputs kept (batch entries)
 _ANCHORS = 6           # levels at which the output error is measured, then interpolated
-#: The reconstructed forward may cost up to this fraction more than the dense layer (the
-#: per-call rebuild of the weight); past it the layer stays dense unless forward= forces it.
-RECONSTRUCT_SLACK = 0.25
 
 
 def _key(site: LayerSite) -> tuple[str, str | None]:
@@ -250,9 +251,7 @@ def _curve(d, method: str, layer: nn.Module, p: dict[str, Any], calib: torch.Ten
     hint = tokens_of(in_shape) if isinstance(layer, nn.Linear) else 256
     for (ranks, _), e in zip(levels, errors):
         if method != "low_rank" or use_flops:
-            flops, forward, _ = _chosen_flops(build(method, layer, ranks, meta=True, batch_hint=hint), d, layer, p)
-            if forward == "dense":
-                continue  # every forward at these ranks costs more than the dense layer: it would stay dense
+            flops, _, _ = _chosen_flops(build(method, layer, ranks, meta=True, batch_hint=hint), d, layer, p)
         size = flops if use_flops else param_formula(method, layer, ranks)
         out.append((float(size), float(e), ranks))
     dense_size = (d.flops_before if use_flops else d.params_before)
@@ -269,19 +268,26 @@ def _chosen_flops(meta: nn.Module, d, layer: nn.Module, p: dict[str, Any]) -> tu
     if isinstance(meta, nn.Module) and not hasattr(meta, "factorized_flops"):  # LowRankLinear
         return int(meta.flops(in_shape)), "factorized", "LowRankLinear has only the factorized forward"
     dense = _dense_flops_of(layer, in_shape)
-    fact, rec = meta.factorized_flops(in_shape), meta.reconstructed_flops(in_shape)
+    fact, rebuild = meta.factorized_flops(in_shape), meta.reconstruction_flops()
     at = f" at a nominal input {in_shape} (no example_inputs)" if nominal else ""
-    if forced != "auto":
-        return (fact if forced == "factorized" else rec), forced, f"forward={forced!r} set in the config"
-    if fact <= dense:
+    rec = (f"the weight is rebuilt from the factors ({_n(rebuild)} FLOPs, once per weight change in inference, "
+           f"where it is cached; every step in training) and used in one dense op: {_n(dense)} FLOPs per "
+           "inference call, the dense layer's")
+    if forced == "factorized":
+        return fact, forced, f"forward='factorized' set in the config ({_n(fact)} FLOPs, dense {_n(dense)})"
+    if forced == "reconstructed":
+        return dense, forced, f"forward='reconstructed' set in the config; {rec}"
+    if fact > dense:
+        return dense, "reconstructed", f"the factorized contraction would cost {_n(fact)} FLOPs > dense {_n(dense)}{at}; {rec}"
+    if nominal:
         return fact, "factorized", f"{_n(fact)} FLOPs <= dense {_n(dense)}{at}"
-    if rec <= fact and rec <= dense * (1 + RECONSTRUCT_SLACK):
-        return rec, "reconstructed", (f"the factorized contraction would cost {_n(fact)} FLOPs > dense {_n(dense)}{at}; "
-                                      f"the weight is rebuilt from the factors each call ({_n(rec - dense)} FLOPs, "
-                                      "independent of the batch) and used in one dense op")
-    return min(fact, rec), "dense", (f"the factorized contraction ({_n(fact)} FLOPs) and rebuilding the weight "
-                                     f"({_n(rec)}) both cost more than the dense layer ({_n(dense)}){at}; "
-                                     "set forward= to force one, or lower the rank")
+    size = layer.weight.element_size()
+    fc, dc = roofline_cost(meta.factorized_stages(in_shape), size), roofline_cost(meta.dense_stages(in_shape), size)
+    cost = f"roofline cost (per stage max(FLOPs, {BALANCE:g} x bytes))"
+    if fc > dc:
+        return dense, "reconstructed", (f"the factorized forward has {_n(fact)} FLOPs <= dense {_n(dense)}, but its "
+                                        f"memory-bound stages make its {cost} {_n(fc)} > dense {_n(dc)}; {rec}")
+    return fact, "factorized", f"{_n(fact)} FLOPs <= dense {_n(dense)}, {cost} {_n(fc)} <= dense {_n(dc)}"
 
 
 def _n(x: int) -> str:
@@ -451,11 +457,6 @@ def _plan_forward(d, layer: nn.Module) -> None:
     tokens = tokens_of(d.input_shape) if isinstance(layer, nn.Linear) else 256
     meta = build(d.method, layer, ranks, meta=True, batch_hint=tokens)
     _, forward, why = _chosen_flops(meta, d, layer, p)
-    if forward == "dense":
-        d.method = "dense"
-        d.reason += f"; left dense: {why}"
-        d.params = {}
-        return
     d.params = {**p, "forward": forward, "batch_hint": tokens}
     d.result["forward"] = forward
     d.result["forward_reason"] = why

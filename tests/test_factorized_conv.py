@@ -150,3 +150,71 @@ def test_conv_padding_same_matches_torch():
         pads = conv_padding(conv)
         flat = [v for a, b in reversed(pads) for v in (a, b)]
         torch.testing.assert_close(F.conv2d(F.pad(x, flat), conv.weight, dilation=dil), conv(x))
+
+
+# ------------------------------------------- reconstructed-weight cache and the forward choice
+@settings(deadline=None, max_examples=20)
+@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]))
+def test_reconstructed_cache_used_only_in_eval_no_grad_and_invalidated_by_inplace_updates(conv, cls):
+    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1), forward="reconstructed")
+    x = torch.randn(2, conv.in_channels, *([7] * len(conv.kernel_size)), dtype=torch.float64)
+
+    def ref():
+        return m._padded_conv(x, m.to_dense(), m.groups, range(m.dim), m.bias)
+
+    m.train()
+    with torch.no_grad():
+        m(x)
+    assert "_weight_cache" not in m.__dict__          # training mode: rebuilt every call
+    m.eval()
+    y = m(x)
+    assert y.grad_fn is not None and "_weight_cache" not in m.__dict__  # grad on: never cached
+    with torch.no_grad():
+        m(x)
+        w = m.__dict__["_weight_cache"][1]
+        m(x)
+        assert m.__dict__["_weight_cache"][1] is w      # reused
+        m.first_weight.mul_(2.0)                        # in-place: the version counter moves
+        assert torch.allclose(m(x), ref(), rtol=1e-10, atol=1e-12)
+        assert m.__dict__["_weight_cache"][1] is not w
+        m.clear_weight_cache()
+        assert "_weight_cache" not in m.__dict__
+
+
+def _planned(conv: nn.Module, x: torch.Tensor, method: str, rank):
+    out = sparsify.sparsify(nn.Sequential(conv), method=method, rank=rank, min_size=0, example_inputs=(x,))
+    (d,) = out._sparsify_plan.decisions
+    return d, out.get_submodule(d.result["module"])
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_roofline_picks_reconstructed_for_memory_bound_stages(method):
+    # 64->128 3x3 stride 2 at 56x56: fewer FLOPs factorized, but the 1x1 / depthwise stages at
+    # 56x56 are memory-bound (1.2-2.7x slower than dense on CPU, benchmarks/results)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+    x = torch.randn(16, 64, 56, 56)
+    d, m = _planned(conv, x, method, 0.25)
+    assert m.factorized_flops(x.shape) <= d.flops_before + 16 * 128 * 28 * 28
+    assert d.result["forward"] == "reconstructed" and "roofline" in d.result["forward_reason"]
+    assert m.flops(x.shape) == m.dense_flops(x.shape)
+
+
+def test_roofline_picks_factorized_when_compute_bound():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 256, 3, padding=1)
+    x = torch.randn(16, 256, 14, 14)
+    d, m = _planned(conv, x, "tucker", 0.1)
+    assert d.result["forward"] == "factorized" and "roofline" in d.result["forward_reason"]
+
+
+@settings(deadline=None, max_examples=15)
+@given(method=st.sampled_from(["tucker", "cp"]), rank=st.sampled_from([0.05, 0.3, 0.9]),
+       side=st.sampled_from([4, 16]), stride=st.sampled_from([1, 2]))
+def test_auto_forward_never_exceeds_dense_inference_flops(method, rank, side, stride):
+    conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1)
+    x = torch.randn(2, 16, side, side)
+    d, m = _planned(conv, x, method, rank)
+    if d.method == "dense":
+        return
+    assert m.flops(x.shape) <= m.dense_flops(x.shape)

@@ -196,3 +196,41 @@ def test_functional_linear_site():
     conv = sparsify.sparsify(Fn(), method="tucker", rank=0.5, min_size=0, example_inputs=(x,))
     assert any(isinstance(m, TuckerLinear) for m in conv.modules())
     assert math.isfinite(float(conv(x).detach().sum()))
+
+
+# ------------------------------------------- reconstructed-weight cache and the forward choice
+@settings(deadline=None, max_examples=20)
+@given(cls=st.sampled_from([CPLinear, TuckerLinear, TTLinear]), n_in=st.sampled_from([8, 12, 16]),
+       n_out=st.sampled_from([4, 8, 18]))
+def test_reconstructed_cache_used_only_in_eval_no_grad_and_invalidated_by_inplace_updates(cls, n_in, n_out):
+    layer = nn.Linear(n_in, n_out).double()
+    m = make(cls, layer, 0.5, forward="reconstructed")
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    with torch.no_grad():
+        m.train()(x)
+    assert "_weight_cache" not in m.__dict__          # training mode: rebuilt every call
+    m.eval()
+    assert m(x).grad_fn is not None and "_weight_cache" not in m.__dict__  # grad on: never cached
+    with torch.no_grad():
+        m(x)
+        w = m.__dict__["_weight_cache"][1]
+        m(x)
+        assert m.__dict__["_weight_cache"][1] is w      # reused
+        next(iter(m._weight_factors())).mul_(-3.0)      # in-place: the version counter moves
+        assert torch.allclose(m(x), F.linear(x, m.to_dense(), m.bias), rtol=1e-10, atol=1e-12)
+        assert m.__dict__["_weight_cache"][1] is not w
+    assert torch.fx.symbolic_trace(nn.Sequential(m)) is not None
+
+
+@settings(deadline=None, max_examples=15)
+@given(method=st.sampled_from(["cp", "tucker", "tt"]), batch=st.sampled_from([1, 8, 128]),
+       rank=st.sampled_from([0.05, 0.3, 0.9]))
+def test_auto_forward_never_exceeds_dense_inference_flops(method, batch, rank):
+    x = torch.randn(batch, 64)
+    out = sparsify.sparsify(nn.Sequential(nn.Linear(64, 64)), method=method, rank=rank, min_size=0,
+                            example_inputs=(x,))
+    (d,) = out._sparsify_plan.decisions
+    if d.method == "dense":
+        return
+    m = out.get_submodule(d.result["module"])
+    assert m.flops(x.shape) <= m.dense_flops(x.shape)

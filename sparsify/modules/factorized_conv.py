@@ -21,7 +21,10 @@ Every conv setting is kept exactly:
 
 The forward is plain ``F.conv1d`` / ``F.conv2d`` / ``F.pad`` calls, so it
 traces with torch.fx.  With ``forward="reconstructed"`` the module rebuilds the
-weight (``to_dense()``) and runs one conv with the layer's settings instead.
+weight (``to_dense()``) and runs one conv with the layer's settings instead; in
+eval mode with grad off the rebuilt weight is cached on the module
+(:class:`~sparsify.modules.factorized_linear.ReconstructedWeightCache`: call
+``clear_weight_cache()`` after writes through ``.data``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rank_sel
-from .factorized_linear import FORWARDS
+from .factorized_linear import FORWARDS, ReconstructedWeightCache
 
 __all__ = ["TuckerConv", "CPConv", "conv_padding"]
 
@@ -62,7 +65,7 @@ def conv_padding(layer: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((p, p) for p in layer.padding)
 
 
-class _FactorizedConv(nn.Module):
+class _FactorizedConv(ReconstructedWeightCache, nn.Module):
     """Settings shared by the factorized convs and the padded spatial conv they run."""
 
     method_name = "?"
@@ -145,18 +148,32 @@ class _FactorizedConv(nn.Module):
         per_out = self.in_channels // self.groups * math.prod(self.kernel_size)
         return 2 * batch * out * self.out_channels * per_out + (batch * out * self.out_channels if self.bias is not None else 0)
 
+    def dense_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The one stage of the dense conv: its FLOPs; input, weight and output elements."""
+        batch, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        s_out = math.prod(self._out_spatial(spatial, range(self.dim)))
+        k = math.prod(self.kernel_size)
+        elems = (batch * self.in_channels * math.prod(spatial) + self.out_channels * self.in_channels // self.groups * k
+                 + batch * self.out_channels * s_out)
+        return [(self.dense_flops(input_shape), elems)]
+
+    def factorized_flops(self, input_shape: Sequence[int]) -> int:
+        return sum(f for f, _ in self.factorized_stages(input_shape))
+
     def flops(self, input_shape: Sequence[int]) -> int:
-        """FLOPs of the forward this module runs (``forward_mode``) on ``input_shape``."""
+        """FLOPs of an inference call of the forward this module runs (``forward_mode``) on
+        ``input_shape``; reconstructed: the dense conv's (the rebuilt weight is cached)."""
         if self.forward_mode == "reconstructed":
-            return self.reconstructed_flops(input_shape)
+            return self.dense_flops(input_shape)
         return self.factorized_flops(input_shape)
 
     def reconstructed_flops(self, input_shape: Sequence[int]) -> int:
+        """Per call with grad on (training): the rebuild and the dense conv."""
         return self.dense_flops(input_shape) + self.reconstruction_flops()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.forward_mode == "reconstructed":
-            return self._padded_conv(x, self.to_dense(), self.groups, range(self.dim), self.bias)
+            return self._padded_conv(x, self._reconstructed_weight(x), self.groups, range(self.dim), self.bias)
         return self._factorized(x)
 
     def _settings_repr(self) -> str:
@@ -237,15 +254,17 @@ class TuckerConv(_FactorizedConv):
         w = torch.einsum(f"gor,gri{sp}->goi{sp}", u, h)
         return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
 
-    def factorized_flops(self, input_shape: Sequence[int]) -> int:
+    def factorized_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """``(FLOPs, input + weight + output elements)`` of the 1x1, core and 1x1 convs."""
         batch, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
         r_out, r_in = self.ranks
+        g, cin, cout = self.groups, self.in_channels, self.out_channels
         s_in, s_out = math.prod(spatial), math.prod(self._out_spatial(spatial, range(self.dim)))
         k = math.prod(self.kernel_size)
-        f = 2 * batch * s_in * self.in_channels * r_in
-        f += 2 * batch * s_out * self.groups * r_out * r_in * k
-        f += 2 * batch * s_out * self.out_channels * r_out
-        return f + (batch * s_out * self.out_channels if self.bias is not None else 0)
+        bias = batch * s_out * cout if self.bias is not None else 0
+        return [(2 * batch * s_in * cin * r_in, batch * s_in * (cin + g * r_in) + r_in * cin),
+                (2 * batch * s_out * g * r_out * r_in * k, batch * (s_in * g * r_in + s_out * g * r_out) + g * r_out * r_in * k),
+                (2 * batch * s_out * cout * r_out + bias, batch * s_out * (g * r_out + cout) + cout * r_out)]
 
     def reconstruction_flops(self) -> int:
         r_out, r_in = self.ranks
@@ -340,15 +359,19 @@ class CPConv(_FactorizedConv):
         w = torch.einsum(f"gor,gri{sp}->goi{sp}", a, h)
         return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
 
-    def factorized_flops(self, input_shape: Sequence[int]) -> int:
+    def factorized_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """``(FLOPs, input + weight + output elements)`` of the 1x1, depthwise and 1x1 convs."""
         batch, spatial = math.prod(input_shape[:-self.dim - 1]), list(input_shape[-self.dim:])
-        gr = self.groups * self.rank
-        f = 2 * batch * math.prod(spatial) * self.in_channels * self.rank
+        gr, cin, cout = self.groups * self.rank, self.in_channels, self.out_channels
+        s = math.prod(spatial)
+        out = [(2 * batch * s * cin * self.rank, batch * s * (cin + gr) + gr * cin // self.groups)]
         for a in range(self.dim):
             spatial = self._out_spatial(spatial, (a,))
-            f += 2 * batch * math.prod(spatial) * gr * self.kernel_size[a]
-        f += 2 * batch * math.prod(spatial) * self.out_channels * self.rank
-        return f + (batch * math.prod(spatial) * self.out_channels if self.bias is not None else 0)
+            s_prev, s = s, math.prod(spatial)
+            out.append((2 * batch * s * gr * self.kernel_size[a], batch * gr * (s_prev + s) + gr * self.kernel_size[a]))
+        bias = batch * s * cout if self.bias is not None else 0
+        out.append((2 * batch * s * cout * self.rank + bias, batch * s * (gr + cout) + cout * self.rank))
+        return out
 
     def reconstruction_flops(self) -> int:
         k, cin = math.prod(self.kernel_size), self.in_channels // self.groups

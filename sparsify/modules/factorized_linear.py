@@ -16,7 +16,9 @@ intermediate is larger than the input plus the output.  The steps are plain
 compares the path's FLOPs with the dense matmul's and, where the factorized
 forward would cost more, builds the module with ``forward="reconstructed"``:
 the weight is rebuilt from the factors (differentiably) and used in one
-``F.linear``.
+``F.linear``.  In eval mode with grad off the rebuilt weight is cached on the
+module (:class:`ReconstructedWeightCache`), so an inference call costs the
+dense layer's FLOPs; with grad on it is rebuilt every call.
 
 Every module has ``from_dense``, ``to_dense`` (the exact weight the factors
 represent), ``to_dense_module``, ``flops(input_shape)``, ``ranks`` (what was
@@ -37,7 +39,7 @@ from torch import nn
 from .. import decompose
 from .. import ranks as rank_sel
 
-__all__ = ["CPLinear", "TuckerLinear", "TTLinear", "Contraction", "tensorize"]
+__all__ = ["CPLinear", "TuckerLinear", "TTLinear", "Contraction", "ReconstructedWeightCache", "tensorize"]
 
 _BATCH = "Z"
 _LETTERS = [c for c in string.ascii_letters if c != _BATCH]
@@ -103,6 +105,16 @@ class Contraction:
             ops.append(torch.einsum(es, *tmp))
         return ops[0]
 
+    def stages(self, batch_size: int = 1) -> list[tuple[int, int]]:
+        """``(FLOPs, elements read and written)`` of each step: both operands and the result."""
+        out = []
+        for (_, es, letters, summed) in self.steps:
+            ins, res = es.replace("...", _BATCH).split("->")
+            size = {c: batch_size if c == _BATCH else self.sizes[c] for c in letters}
+            flops = math.prod(size.values()) * (2 if summed else 1)
+            out.append((flops, sum(math.prod(size[c] for c in sub) for sub in (*ins.split(","), res))))
+        return out
+
     def flops(self, batch_size: int = 1) -> int:
         """opt_einsum's count: the product of a step's index sizes, x2 where it sums."""
         total = 0
@@ -119,7 +131,53 @@ def _check_forward(forward: str) -> None:
         raise ValueError(f"expected forward= one of {FORWARDS}; got {forward!r}")
 
 
-class _TensorizedLinear(nn.Module):
+class ReconstructedWeightCache:
+    """Mixin for the factorized modules: the weight rebuilt from the factors, cached for inference.
+
+    ``_reconstructed_weight(x)`` returns ``to_dense()``; in eval mode, with grad
+    off, on a plain tensor and outside tracing / ``torch.compile``, the result is
+    kept on the module, keyed by the ``_version`` and ``data_ptr()`` of every
+    factor parameter, so inference pays for the rebuild once per weight change
+    (the policy of ``runtime.executors.cpu.dense_weight`` for block-sparse
+    layers).  With grad on it is rebuilt every call and never cached: a cached
+    tensor must not enter an autograd graph.  Writes through ``.data`` bypass
+    the version counter; call :meth:`clear_weight_cache` after them.
+    """
+
+    def _weight_factors(self) -> list[torch.Tensor]:
+        return [p for n, p in self.named_parameters() if n != "bias"]
+
+    def _reconstructed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training or type(x) is not torch.Tensor or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return self.to_dense()
+        key = tuple((p._version, p.data_ptr()) for p in self._weight_factors())
+        hit = self.__dict__.get("_weight_cache")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        w = self.to_dense().contiguous()
+        self.__dict__["_weight_cache"] = (key, w)
+        return w
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached reconstructed weight (needed only after writes through ``.data``).
+
+        Example:
+            >>> layer = TuckerLinear.from_dense(torch.nn.Linear(16, 8), forward="reconstructed").eval()
+            >>> with torch.no_grad():
+            ...     _ = layer(torch.randn(2, 16))
+            >>> layer.clear_weight_cache(); "_weight_cache" in layer.__dict__
+            False
+        """
+        self.__dict__.pop("_weight_cache", None)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_weight_cache", None)
+        return state
+
+
+class _TensorizedLinear(ReconstructedWeightCache, nn.Module):
     """Shared machinery: tensorized shapes, the two contractions, forward, dense views."""
 
     method_name = "?"
@@ -161,7 +219,7 @@ class _TensorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.forward_mode == "reconstructed":
-            return F.linear(x, self.to_dense(), self.bias)
+            return F.linear(x, self._reconstructed_weight(x), self.bias)
         y = self._forward_path(x.unflatten(-1, self.in_modes), *self._factors())
         y = y.flatten(-len(self.out_modes))
         return y if self.bias is None else y + self.bias
@@ -184,15 +242,38 @@ class _TensorizedLinear(nn.Module):
         tokens = math.prod(input_shape[:-1])
         return self._forward_path.flops(tokens) + (tokens * self.out_features if self.bias is not None else 0)
 
-    def reconstructed_flops(self, input_shape: Sequence[int]) -> int:
+    def factorized_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """``(FLOPs, elements moved)`` per step of the factorized forward (bias adds in the last)."""
+        tokens = math.prod(input_shape[:-1])
+        st = self._forward_path.stages(tokens)
+        f, e = st[-1]
+        st[-1] = (f + (tokens * self.out_features if self.bias is not None else 0), e)
+        return st
+
+    def dense_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The one stage of the dense layer: its FLOPs; input, weight and output elements."""
+        tokens = math.prod(input_shape[:-1])
+        elems = tokens * self.in_features + self.in_features * self.out_features + tokens * self.out_features
+        return [(self.dense_flops(input_shape), elems)]
+
+    def dense_flops(self, input_shape: Sequence[int]) -> int:
         tokens = math.prod(input_shape[:-1])
         bias = tokens * self.out_features if self.bias is not None else 0
-        return self._dense_path.flops() + 2 * tokens * self.in_features * self.out_features + bias
+        return 2 * tokens * self.in_features * self.out_features + bias
+
+    def reconstruction_flops(self) -> int:
+        """FLOPs of rebuilding the weight from the factors (once per weight change in inference)."""
+        return self._dense_path.flops()
+
+    def reconstructed_flops(self, input_shape: Sequence[int]) -> int:
+        """Per call with grad on (training): the rebuild and the dense op."""
+        return self.reconstruction_flops() + self.dense_flops(input_shape)
 
     def flops(self, input_shape: Sequence[int]) -> int:
-        """FLOPs of the forward this module runs (``forward_mode``) on ``input_shape``."""
+        """FLOPs of an inference call of the forward this module runs (``forward_mode``) on
+        ``input_shape``; reconstructed: the dense layer's (the rebuilt weight is cached)."""
         if self.forward_mode == "reconstructed":
-            return self.reconstructed_flops(input_shape)
+            return self.dense_flops(input_shape)
         return self.factorized_flops(input_shape)
 
     def _finish(self, w64: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
