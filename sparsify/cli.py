@@ -288,6 +288,32 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_signals_held = False
+
+
+def _hold_signals() -> None:
+    """From the commit of OUT on, Ctrl-C / SIGTERM wait: the command then ends as it
+    succeeded (exit 0, OUT complete) instead of reporting an interrupt with OUT in place."""
+    global _signals_held
+    if hasattr(signal, "pthread_sigmask"):
+        with contextlib.suppress(ValueError, OSError):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+            _signals_held = True
+
+
+def _drop_held_signals() -> None:
+    """Discard signals that arrived while held (ignored signals are dropped when unblocked)."""
+    global _signals_held
+    if not _signals_held:
+        return
+    old = [signal.signal(s, signal.SIG_IGN) for s in _HELD_SIGNALS]
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
+    for s, h in zip(_HELD_SIGNALS, old):
+        signal.signal(s, h)
+    _signals_held = False
+
+
 def cmd_convert(args) -> int:
     import torch
 
@@ -322,21 +348,24 @@ def cmd_convert(args) -> int:
         export = False
     else:
         export = inputs is not None
-    t = time.perf_counter()
-    save(converted, out, model_spec=spec, config=config, example_inputs=inputs, export=export,
-         overwrite=args.force, extra={"source_fingerprint": fingerprint, "torch_threads": torch.get_num_threads()})
-    from .io import read_manifest
-
-    m = read_manifest(out)
-    ex = "exported program saved" if m.get("exported") else f"no exported program ({m.get('exported_note') or 'disabled'})"
-    print(f"wrote {out} ({ex}; {time.perf_counter() - t:.1f} s)")
     if args.report:
+        # Written before OUT: committing OUT is the last step, so an interrupt at any
+        # point before it leaves no OUT, and none after it can (see _hold_signals).
         from .html_report import write_report
 
         files = write_report(args.report, rep, converted, title=f"sparsify report: {spec.target}",
                              meta={"model": spec.target, "config": repr(config), "inputs": _describe_inputs(specs),
                                    "artifact": str(out)})
         print(f"wrote {', '.join(str(f) for f in files)}")
+    t = time.perf_counter()
+    save(converted, out, model_spec=spec, config=config, example_inputs=inputs, export=export,
+         overwrite=args.force, extra={"source_fingerprint": fingerprint, "torch_threads": torch.get_num_threads()},
+         before_commit=_hold_signals)
+    from .io import read_manifest
+
+    m = read_manifest(out)
+    ex = "exported program saved" if m.get("exported") else f"no exported program ({m.get('exported_note') or 'disabled'})"
+    print(f"wrote {out} ({ex}; {time.perf_counter() - t:.1f} s)")
     return EXIT_OK
 
 
@@ -663,5 +692,6 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_INTERNAL
     finally:
         warnings.showwarning = old_showwarning
+        _drop_held_signals()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)

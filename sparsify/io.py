@@ -124,11 +124,12 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 @contextlib.contextmanager
 def _staging_dir(out: Path):
     """A temporary folder beside ``out``; removed unless renamed into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -202,6 +203,7 @@ def save(
     export: bool = True,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> Path:
     """Save a converted model as an artifact folder at ``path`` (atomically).
 
@@ -209,7 +211,8 @@ def save(
     ``example_inputs`` are recorded when given; with example inputs and
     ``export=True`` a ``torch.export`` program is stored too, so ``load`` needs
     no source.  An existing ``path`` needs ``overwrite=True`` and must be an
-    artifact.
+    artifact.  ``before_commit`` is called just before the finished folder is
+    renamed into place (the CLI holds Ctrl-C from there on).
 
     Example:
         >>> import torch, sparsify, tempfile, os
@@ -306,6 +309,8 @@ def save(
             manifest["exported"]["sha256"] = hashlib.sha256(program).hexdigest()
             manifest["exported"]["bytes"] = len(program)
         _write_bytes(tmp / ARTIFACT_MANIFEST, json.dumps(manifest, indent=1).encode())
+        if before_commit is not None:
+            before_commit()
         _replace_dir(tmp, out)
     return out
 
