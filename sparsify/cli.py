@@ -289,29 +289,25 @@ def cmd_inspect(args) -> int:
 
 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_signals_held = False
+_held: dict[int, object] = {}
+_late_signals: list[int] = []
 
 
 def _hold_signals() -> None:
-    """From the commit of OUT on, Ctrl-C / SIGTERM wait: the command then ends as it
-    succeeded (exit 0, OUT complete) instead of reporting an interrupt with OUT in place."""
-    global _signals_held
-    if hasattr(signal, "pthread_sigmask"):
-        with contextlib.suppress(ValueError, OSError):
-            signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-            _signals_held = True
+    """From the commit of OUT on, Ctrl-C / SIGTERM are recorded, not raised: the command
+    then ends as it succeeded (exit 0, OUT complete) instead of reporting an interrupt
+    with OUT in place.  Python runs signal handlers in the main thread, so this holds
+    whichever thread the signal is delivered to (a signal mask would not)."""
+    for s in _HELD_SIGNALS:
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to hold
+            _held[s] = signal.signal(s, lambda signum, _frame: _late_signals.append(signum))
 
 
-def _drop_held_signals() -> None:
-    """Discard signals that arrived while held (ignored signals are dropped when unblocked)."""
-    global _signals_held
-    if not _signals_held:
-        return
-    old = [signal.signal(s, signal.SIG_IGN) for s in _HELD_SIGNALS]
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
-    for s, h in zip(_HELD_SIGNALS, old):
-        signal.signal(s, h)
-    _signals_held = False
+def _release_signals() -> None:
+    while _held:
+        s, handler = _held.popitem()
+        signal.signal(s, handler)
+    _late_signals.clear()
 
 
 def cmd_convert(args) -> int:
@@ -361,6 +357,8 @@ def cmd_convert(args) -> int:
     save(converted, out, model_spec=spec, config=config, example_inputs=inputs, export=export,
          overwrite=args.force, extra={"source_fingerprint": fingerprint, "torch_threads": torch.get_num_threads()},
          before_commit=_hold_signals)
+    if _late_signals:
+        print("sparsify: interrupt received after OUT was complete; OUT is kept", file=sys.stderr)
     from .io import read_manifest
 
     m = read_manifest(out)
@@ -692,6 +690,6 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_INTERNAL
     finally:
         warnings.showwarning = old_showwarning
-        _drop_held_signals()
+        _release_signals()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
