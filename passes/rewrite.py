@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .costs import module_flops, param_count
+from .costs import module_flops, param_count, weight_bytes
 from .infra import PassContext, PassResult
 from .sites import LayerSite, find_sites, install_module
 
@@ -41,6 +41,7 @@ def carry_out(
         d.result.update(produced)
         d.result["module"] = install_module(module, site, new)
         d.params_after = param_count(new)
+        d.bytes_after = weight_bytes(new)
         in_shape, out_shape = ctx.shapes.get(d.node or d.name, (None, None))
         d.flops_after = module_flops(new, in_shape, out_shape)
         modified = True

@@ -27,6 +27,8 @@ class Decision:
     params_after: int | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+    bytes_before: int = 0             # weight + bias bytes of the dense layer
+    bytes_after: int | None = None    # of the rewritten layer: parameters and index buffers
     result: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -48,8 +48,10 @@ def plan_model(module: nn.Module, ctx: PassContext) -> Plan:
             method="dense",
             node=site.nodes[0].name if site.functional else None,
             params_before=w.numel() + (site.bias.numel() if site.bias is not None else 0),
+            bytes_before=w.numel() * w.element_size()
+            + (site.bias.numel() * site.bias.element_size() if site.bias is not None else 0),
         )
-        d.params_after = d.params_before
+        d.params_after, d.bytes_after = d.params_before, d.bytes_before
         decisions.append(d)
 
         method, params, rule = config.choose(site.name, site.layer_type)

@@ -35,7 +35,7 @@ def _setting(d: dict) -> str:
 @dataclass
 class Report:
     """Rows: name, kind, shape, method, params before -> after, FLOPs before -> after,
-    density or rank, reason.  ``str(report)`` is a table; ``to_dict()`` is JSON-ready.
+    weight bytes before -> after (index buffers included), density or rank, reason.  ``str(report)`` is a table; ``to_dict()`` is JSON-ready.
 
     Example:
         >>> import torch, sparsify
@@ -58,9 +58,14 @@ class Report:
         pa = sum(r["params_after"] if r["params_after"] is not None else r["params_before"] for r in self.rows)
         fb = [r["flops_before"] for r in self.rows]
         fa = [r["flops_after"] for r in self.rows]
+        bb = sum(r.get("bytes_before", 0) for r in self.rows)
+        ba = sum(r["bytes_after"] if r.get("bytes_after") is not None else r.get("bytes_before", 0)
+                 for r in self.rows)
         return {
             "params_before": pb,
             "params_after": pa,
+            "bytes_before": bb,
+            "bytes_after": ba,
             "flops_before": None if None in fb else sum(fb),
             "flops_after": None if None in fa else sum(fa),
         }
@@ -73,18 +78,20 @@ class Report:
         return json.dumps(self.to_dict(), **kw)
 
     def table(self) -> list[list[str]]:
-        head = ["layer", "kind", "shape", "method", "params", "FLOPs", "setting", "reason"]
+        head = ["layer", "kind", "shape", "method", "params", "FLOPs", "bytes", "setting", "reason"]
         body = [head]
         for r in self.rows:
             body.append([
                 r["name"], r["layer_type"], "x".join(map(str, r["weight_shape"])), r["method"],
                 f"{_fmt_count(r['params_before'])} -> {_fmt_count(r['params_after'])}",
                 f"{_fmt_count(r['flops_before'])} -> {_fmt_count(r['flops_after'])}",
+                f"{_fmt_count(r.get('bytes_before'))} -> {_fmt_count(r.get('bytes_after'))}",
                 _setting(r), r["reason"],
             ])
         t = self.totals()
         body.append(["total", "", "", "", f"{_fmt_count(t['params_before'])} -> {_fmt_count(t['params_after'])}",
-                     f"{_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])}", "", ""])
+                     f"{_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])}",
+                     f"{_fmt_count(t['bytes_before'])} -> {_fmt_count(t['bytes_after'])}", "", ""])
         return body
 
     def __str__(self) -> str:

@@ -140,6 +140,12 @@ def test_report_is_a_table_and_json_and_works_without_shapes():
     assert "layer" in text and "block_sparse" in text and "min_size" in text
     d = json.loads(rep.to_json())
     assert d["layers"][0]["flops_before"] is None and d["totals"]["params_after"] < d["totals"]["params_before"]
+    layer0 = d["layers"][0]
+    assert layer0["bytes_before"] == (256 * 512 + 512) * 4  # weight + bias, float32
+    # stored blocks + bias + the int32 block indices (row offsets, column indices)
+    nnz = layer0["result"]["nnz_blocks"]
+    assert layer0["bytes_after"] == (nnz * 32 * 32 + 512) * 4 + (512 // 32 + 1) * 4 + nnz * 4
+    assert "bytes" in text
     rep = sparsify.report(sparsify.sparsify(model, density=0.25, example_inputs=(torch.randn(8, 256),)))
     row = rep.to_dict()["layers"][0]
     assert row["flops_before"] == 2 * 8 * 256 * 512 and row["flops_after"] == pytest.approx(row["flops_before"] * 0.25, rel=0.02)
