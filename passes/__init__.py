@@ -10,7 +10,7 @@
     factorize_low_rank  Linear / F.linear -> LowRankLinear
     factorize_cp        Linear / Conv1d / Conv2d -> CPLinear / CPConv
     factorize_tucker    Linear / Conv1d / Conv2d -> TuckerLinear / TuckerConv (Tucker-2)
-    factorize_tt        Linear / F.linear -> TTLinear (TT-matrix)
+    factorize_tt        Linear / F.linear -> TTLinear (TT-matrix); Conv1d / Conv2d -> TTConv
     fuse_epilogues      activation and residual add into the block-sparse op
     check_lowered       every planned rewrite produced a runtime module
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rs
+from ..modules.factorized_conv import tt_conv_weight
 from ..modules.low_rank import svd_rank
 from .costs import BALANCE, dense_flops, roofline_cost
 from .factorized import FACTORIZED_METHODS, as_layer, build, layer_tensor, param_formula, tokens_of
@@ -102,7 +103,7 @@ def _resolve_layer(method: str, layer: nn.Module, p: dict[str, Any]) -> tuple[An
     if method == "tucker":
         modes = list(range(ts[0].dim())) if isinstance(layer, nn.Linear) else [0, 1]
         return rs.tucker_ranks(ts, modes, rank, tolerance=tol, energy=energy, rank_multiple=mult), None
-    return rs.tt_ranks(ts[0], rank, tolerance=tol, energy=energy, rank_multiple=mult), None
+    return rs.tt_ranks(ts, rank, tolerance=tol, energy=energy, rank_multiple=mult), None
 
 
 # ------------------------------------------------------------------- curves
@@ -152,19 +153,22 @@ def _weight_levels(method: str, layer: nn.Module, mult: int) -> list[tuple[Any, 
             out.append((tuple(cur), err(cur)))
         return out
     if method == "tt":
-        t = ts[0]
-        shape = tuple(t.shape)
+        shape = tuple(ts[0].shape)
         dd = len(shape) // 2
         perm = [i for k in range(dd) for i in (k, dd + k)]
-        merged = t.permute(perm).reshape([shape[k] * shape[dd + k] for k in range(dd)])
-        tails = [_tails(torch.linalg.svdvals(merged.reshape(math.prod(merged.shape[:k]), -1))) for k in range(1, dd)]
+        group_tails = []  # (group energy, tails per bond) for each group (one for a Linear)
+        for t in ts:
+            merged = t.permute(perm).reshape([shape[k] * shape[dd + k] for k in range(dd)])
+            group_tails.append((float(t.pow(2).sum()) or 1.0, [
+                _tails(torch.linalg.svdvals(merged.reshape(math.prod(merged.shape[:k]), -1))) for k in range(1, dd)]))
         caps = rs.tt_caps(shape)
         levels = sorted({rs.round_rank(r, mult, max(caps)) for r in rs.sample_levels(max(caps), 128)})
         out = []
         for r in levels:
             ranks = tuple(rs._tt_uniform(shape, r))
-            kept = math.prod(1.0 - tl[ranks[k + 1]] / total for k, tl in enumerate(tails))
-            out.append((ranks, 1.0 - kept))
+            lost = sum(n * (1.0 - math.prod(1.0 - tl[ranks[k + 1]] / n for k, tl in enumerate(tails)))
+                       for n, tails in group_tails)
+            out.append((ranks, lost / total))
         return out
     # cp: measured at a few ranks (short ALS runs), interpolated between them
     shape = tuple(ts[0].shape)
@@ -207,7 +211,8 @@ def _reconstruct(method: str, layer: nn.Module, ranks: Any) -> torch.Tensor:
             dd = len(cores)
             rec = rec.reshape([x for c in cores for x in c.shape[1:3]])
             perm = [2 * k for k in range(dd)] + [2 * k + 1 for k in range(dd)]
-            outs.append(rec.permute(perm))
+            rec = rec.permute(perm)
+            outs.append(rec if isinstance(layer, nn.Linear) else tt_conv_weight(rec))
         else:
             w, fs = decompose.cp(t, ranks, n_iter_max=15)
             outs.append(rs._cp_full(w, fs))

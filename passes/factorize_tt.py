@@ -1,4 +1,5 @@
-"""factorize_tt: Linear / F.linear -> TTLinear (TT-matrix, Novikov et al. 2015).
+"""factorize_tt: Linear / F.linear -> TTLinear (TT-matrix, Novikov et al. 2015);
+Conv1d / Conv2d -> TTConv (Garipov et al. 2016).
 
 Carries out the decisions at the ranks and forward ``allocate_ranks`` wrote
 into them (``params["ranks"]``, ``params["forward"]``); decides nothing.

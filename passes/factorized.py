@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules.factorized_conv import CPConv, TuckerConv, conv_padding
+from ..modules.factorized_conv import CPConv, TTConv, TuckerConv, conv_padding, tt_conv_tensor
 from ..modules.factorized_linear import CPLinear, TTLinear, TuckerLinear, tensorize
 from ..modules.low_rank import LowRankLinear
 from .sites import LayerSite
@@ -46,12 +46,14 @@ def tensor_modes(method: str, layer_type: str, weight_shape) -> tuple[tuple[int,
 
 
 def layer_tensor(method: str, layer: nn.Module) -> list[torch.Tensor]:
-    """The tensors (one per group) whose ranks are chosen, in float64."""
+    """The tensors (one per group) whose ranks are chosen, in float64 (TT of a conv: each
+    group's kernel as the TT-matrix tensor ``(in, k.., out, 1..)``, see ``tt_conv_tensor``)."""
     w = layer.weight.detach().to(torch.float64)
     if isinstance(layer, nn.Linear):
         modes = tensor_modes(method, "Linear", tuple(w.shape))
         return [w if modes is None else w.reshape(*modes[0], *modes[1])]
-    return list(w.chunk(layer.groups, dim=0))
+    groups = list(w.chunk(layer.groups, dim=0))
+    return [tt_conv_tensor(t) for t in groups] if method == "tt" else groups
 
 
 def build(method: str, layer: nn.Module, ranks: Any, *, forward: str = "factorized", batch_hint: int = 256,
@@ -74,7 +76,7 @@ def build(method: str, layer: nn.Module, ranks: Any, *, forward: str = "factoriz
         if method == "tt":
             kw["order"] = TT_ORDER
         return cls.from_dense(layer, rank=ranks, in_modes=in_modes, out_modes=out_modes, **kw)
-    cls = {"cp": CPConv, "tucker": TuckerConv}[method]
+    cls = {"cp": CPConv, "tucker": TuckerConv, "tt": TTConv}[method]
     if meta:
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, ranks, stride=layer.stride,
                    padding=conv_padding(layer), dilation=layer.dilation, groups=layer.groups,
@@ -107,5 +109,9 @@ def param_formula(method: str, layer: nn.Module, ranks: Any) -> int:
     if method == "cp":
         r = int(ranks)
         return r * cin + g * r * (sum(layer.kernel_size) + 1) + cout * r + bias
+    if method == "tt":
+        # cores [r_{k-1}, n_k, r_k] of each group, modes (in/g, k.., out/g)
+        modes = (cin // g, *layer.kernel_size, cout // g)
+        return g * sum(ranks[j] * n * ranks[j + 1] for j, n in enumerate(modes)) + bias
     r_out, r_in = ranks
     return r_in * cin + g * r_out * r_in * k + cout * r_out + bias

@@ -193,7 +193,8 @@ for _name, _types, _what in (
      "CP: Lebedev 1x1 / depthwise / 1x1 convs; CP of the tensorized weight for Linear"),
     ("tucker", ("Linear", "Conv1d", "Conv2d"),
      "Tucker: Tucker-2 (1x1, core, 1x1) for convs; Tucker of the tensorized weight for Linear"),
-    ("tt", ("Linear",), "TT-matrix (tensor train) of the tensorized weight"),
+    ("tt", ("Linear", "Conv1d", "Conv2d"),
+     "TT: Garipov 1x1 / k_h x 1 / 1 x k_w / 1x1 convs; TT-matrix (tensor train) of the tensorized weight for Linear"),
 ):
     register_method(MethodSpec(
         name=_name,

@@ -320,9 +320,10 @@ def _tt_uniform(shape: Sequence[int], r: int) -> list[int]:
     return [min(r, c) for c in caps[:-1]] + [1] if len(caps) > 1 else [1]
 
 
-def tt_ranks(tensor: torch.Tensor, rank: RankSpec = None, *, tolerance: float | None = None,
-             energy: float | None = None, rank_multiple: int = 1) -> tuple[int, ...]:
-    """The ``d + 1`` bond ranks ``(1, r_1, ..., 1)`` for a TT-matrix of ``tensor`` ``(o.., i..)``.
+def tt_ranks(tensor: torch.Tensor | Sequence[torch.Tensor], rank: RankSpec = None, *,
+             tolerance: float | None = None, energy: float | None = None, rank_multiple: int = 1) -> tuple[int, ...]:
+    """The ``d + 1`` bond ranks ``(1, r_1, ..., 1)`` for a TT-matrix of ``tensor`` ``(o.., i..)``
+    (or of each of several tensors of one shape, one per conv group: the largest rank each bond needs).
 
     Tolerance: the TT-SVD bound ``err^2 <= sum_k tail_k`` over the d-1 bonds
     (Oseledets 2011), each bond discarding at most ``tolerance^2 / (d - 1)`` of
@@ -332,7 +333,8 @@ def tt_ranks(tensor: torch.Tensor, rank: RankSpec = None, *, tolerance: float | 
         >>> tt_ranks(torch.zeros(4, 4, 4, 4, 4, 4), 8)
         (1, 8, 8, 1)
     """
-    shape = tuple(tensor.shape)
+    ts = [tensor] if isinstance(tensor, torch.Tensor) else list(tensor)
+    shape = tuple(ts[0].shape)
     d = len(shape) // 2
     caps = tt_caps(shape)
     if d == 1:
@@ -340,13 +342,13 @@ def tt_ranks(tensor: torch.Tensor, rank: RankSpec = None, *, tolerance: float | 
     if tolerance is not None or energy is not None:
         # the TT-matrix is the TT of the tensor with (o_k, i_k) merged per core
         perm = [i for k in range(d) for i in (k, d + k)]
-        merged = tensor.double().permute(perm).reshape([shape[k] * shape[d + k] for k in range(d)])
-        rs = [1]
-        for k in range(1, d):
-            n = math.prod(merged.shape[:k])
-            s = torch.linalg.svdvals(merged.reshape(n, -1))
-            rs.append(spectrum_rank(s, tolerance=tolerance, energy=energy, share=1.0 / (d - 1)))
-        rs.append(1)
+        rs = [1] * (d + 1)
+        for t in ts:
+            merged = t.double().permute(perm).reshape([shape[k] * shape[d + k] for k in range(d)])
+            for k in range(1, d):
+                n = math.prod(merged.shape[:k])
+                s = torch.linalg.svdvals(merged.reshape(n, -1))
+                rs[k] = max(rs[k], spectrum_rank(s, tolerance=tolerance, energy=energy, share=1.0 / (d - 1)))
     elif _is_fraction(rank):
         f = _check_fraction(rank, "tt")
         budget = f * math.prod(shape)

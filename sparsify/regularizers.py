@@ -1,7 +1,7 @@
 """Fine-tuning regularizers for factorized layers: tensor dropout and a rank lasso.
 
 Both are opt-in and act on every factorized module in a model (CP / Tucker /
-TT Linear, CP / Tucker-2 conv, and the SVD ``LowRankLinear``) through its *rank
+TT Linear, CP / Tucker-2 / TT conv, and the SVD ``LowRankLinear``) through its *rank
 components*: the slices of its parameters that one rank index owns.
 
     module          rank components (parameter, axis)
@@ -9,6 +9,7 @@ components*: the slices of its parameters that one rank index owns.
     TuckerLinear    each factor ``factors.j``, axis 1 (one per mode)
     TuckerConv      ``first_weight`` axis 0 (R_in), ``last_weight`` axis 1 (R_out)
     TTLinear        each internal bond: ``cores.k`` axis 3, k < d - 1
+    TTConv          each internal bond: ``first_weight`` and ``spatial_weights.a`` axis 0
     LowRankLinear   ``V``, axis 0
 
 * :func:`tensor_dropout` (Kolbeinsson et al. 2021) zeroes each rank component
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .modules.factorized_conv import CPConv, TuckerConv
+from .modules.factorized_conv import CPConv, TTConv, TuckerConv
 from .modules.factorized_linear import CPLinear, TTLinear, TuckerLinear
 from .modules.low_rank import LowRankLinear
 
@@ -54,6 +55,9 @@ def rank_components(module: nn.Module) -> list[tuple[nn.Module, str, int]]:
         return [(module, "first_weight", 0), (module, "last_weight", 1)]
     if isinstance(module, TTLinear):
         return [(module.cores, str(k), 3) for k in range(len(module.cores) - 1)]
+    if isinstance(module, TTConv):
+        return [(module, "first_weight", 0)] + [(module.spatial_weights, str(a), 0)
+                                                for a in range(len(module.spatial_weights))]
     if isinstance(module, LowRankLinear):
         return [(module, "V", 0)]
     return []

@@ -1,4 +1,4 @@
-"""Properties of the factorized convs (Tucker-2, CP): every conv setting survives.
+"""Properties of the factorized convs (Tucker-2, CP, TT): every conv setting survives.
 
 For any drawn stride (asymmetric), padding (ints, 'valid', 'same' at stride 1),
 dilation, padding_mode, groups and bias, the factorized conv's output equals
@@ -20,7 +20,7 @@ from torch import nn
 
 import sparsify
 from sparsify import decompose
-from sparsify.modules.factorized_conv import CPConv, TuckerConv, conv_padding
+from sparsify.modules.factorized_conv import CPConv, TTConv, TuckerConv, conv_padding
 
 from .helpers import rel_err
 
@@ -49,15 +49,24 @@ def full_rank(cls, conv):
     cin, cout = conv.in_channels // conv.groups, conv.out_channels // conv.groups
     if cls is TuckerConv:
         return (cout, cin)
+    if cls is TTConv:
+        return 10**6  # every bond capped at what TT-SVD supports: exact
     return decompose.cp_exact_rank((cout, cin, *conv.kernel_size))
 
 
+def low_rank(cls):
+    return (1, 1) if cls is TuckerConv else 1
+
+
+FACTORIZED = [TuckerConv, CPConv, TTConv]
+
+
 @settings(deadline=None)
-@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]), full=st.booleans(),
+@given(conv=convs(), cls=st.sampled_from(FACTORIZED), full=st.booleans(),
        forward=st.sampled_from(["factorized", "reconstructed"]), seed=st.integers(0, 2**16))
 def test_every_setting_preserved(conv, cls, full, forward, seed):
     torch.manual_seed(seed)
-    rank = full_rank(cls, conv) if full else (1 if cls is CPConv else (1, 1))
+    rank = full_rank(cls, conv) if full else low_rank(cls)
     m = cls.from_dense(conv, rank=rank, forward=forward)
     x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64)
     y = m(x)
@@ -73,10 +82,10 @@ def test_every_setting_preserved(conv, cls, full, forward, seed):
 
 
 @settings(deadline=None)
-@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]),
+@given(conv=convs(), cls=st.sampled_from(FACTORIZED),
        forward=st.sampled_from(["factorized", "reconstructed"]))
 def test_backward_matches_autograd_through_to_dense(conv, cls, forward):
-    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1), forward=forward)
+    m = cls.from_dense(conv, rank=low_rank(cls), forward=forward)
     x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=torch.float64,
                     requires_grad=True)
     ref = conv.__class__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
@@ -96,12 +105,11 @@ def test_backward_matches_autograd_through_to_dense(conv, cls, forward):
 
 
 @settings(deadline=None)
-@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]))
+@given(conv=convs(), cls=st.sampled_from(FACTORIZED))
 def test_params_match_formula_and_state_dict(conv, cls):
-    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1))
-    method = "cp" if cls is CPConv else "tucker"
+    m = cls.from_dense(conv, rank=low_rank(cls))
     ranks = m.rank if cls is CPConv else m.ranks
-    assert sum(p.numel() for p in m.parameters()) == param_formula(method, conv, ranks)
+    assert sum(p.numel() for p in m.parameters()) == param_formula(cls.method_name, conv, ranks)
     twin = cls(conv.in_channels, conv.out_channels, conv.kernel_size, ranks, stride=conv.stride,
                padding=conv_padding(conv), dilation=conv.dilation, groups=conv.groups,
                padding_mode=conv.padding_mode, bias=conv.bias is not None, dtype=torch.float64)
@@ -113,13 +121,13 @@ def test_params_match_formula_and_state_dict(conv, cls):
 def test_float32_full_rank():
     conv = nn.Conv2d(8, 16, 3, stride=(2, 1), padding=(1, 0), padding_mode="reflect")
     x = torch.randn(2, 8, 10, 10)
-    for cls in (TuckerConv, CPConv):
+    for cls in FACTORIZED:
         m = cls.from_dense(conv, rank=full_rank(cls, conv))
         assert m.first_weight.dtype == torch.float32
         assert rel_err(m(x), conv(x)) < 1e-4
 
 
-@pytest.mark.parametrize("method", ["cp", "tucker"])
+@pytest.mark.parametrize("method", ["cp", "tucker", "tt"])
 def test_cnn_converts_traces_and_densifies(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
@@ -127,11 +135,20 @@ def test_cnn_converts_traces_and_densifies(method):
                           nn.Conv2d(32, 32, (1, 3), padding="same", padding_mode="circular", groups=2))
     x = torch.randn(2, 16, 12, 12)
     conv = sparsify.sparsify(model, method=method, rank=0.5, min_size=0, example_inputs=(x,))
-    assert sum(isinstance(m, (TuckerConv, CPConv)) for m in conv.modules()) >= 2
+    assert sum(isinstance(m, tuple(FACTORIZED)) for m in conv.modules()) >= 2
     traced = torch.fx.symbolic_trace(conv)
     torch.testing.assert_close(traced(x), conv(x))
     torch.testing.assert_close(sparsify.densify(conv)(x), conv(x), rtol=1e-4, atol=1e-5)
     conv(x).sum().backward()
+
+
+def test_tt_ranks_are_the_produced_ones():
+    # modes (in=2, 3, 3, out=8): TT-SVD caps the bonds at (2, 6, 8) whatever is asked
+    conv = nn.Conv2d(2, 8, 3, stride=(1, 2), padding=(2, 0)).double()
+    m = TTConv.from_dense(conv, rank=7)
+    assert m.ranks == (1, 2, 6, 7, 1)
+    assert [tuple(w.shape[:2]) for w in m.spatial_weights] == [(6, 2), (7, 6)]
+    assert TTConv.from_dense(conv, rank=10**6).ranks == (1, 2, 6, 8, 1)
 
 
 def test_depthwise_left_dense_with_reason():
@@ -154,9 +171,9 @@ def test_conv_padding_same_matches_torch():
 
 # ------------------------------------------- reconstructed-weight cache and the forward choice
 @settings(deadline=None, max_examples=20)
-@given(conv=convs(), cls=st.sampled_from([TuckerConv, CPConv]))
+@given(conv=convs(), cls=st.sampled_from(FACTORIZED))
 def test_reconstructed_cache_used_only_in_eval_no_grad_and_invalidated_by_inplace_updates(conv, cls):
-    m = cls.from_dense(conv, rank=1 if cls is CPConv else (1, 1), forward="reconstructed")
+    m = cls.from_dense(conv, rank=low_rank(cls), forward="reconstructed")
     x = torch.randn(2, conv.in_channels, *([7] * len(conv.kernel_size)), dtype=torch.float64)
 
     def ref():
@@ -209,7 +226,7 @@ def test_roofline_picks_factorized_when_compute_bound():
 
 
 @settings(deadline=None, max_examples=15)
-@given(method=st.sampled_from(["tucker", "cp"]), rank=st.sampled_from([0.05, 0.3, 0.9]),
+@given(method=st.sampled_from(["tucker", "cp", "tt"]), rank=st.sampled_from([0.05, 0.3, 0.9]),
        side=st.sampled_from([4, 16]), stride=st.sampled_from([1, 2]))
 def test_auto_forward_never_exceeds_dense_inference_flops(method, rank, side, stride):
     conv = nn.Conv2d(16, 32, 3, stride=stride, padding=1)

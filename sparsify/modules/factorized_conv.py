@@ -1,23 +1,28 @@
-"""Factorized Conv1d / Conv2d layers: Tucker-2 (Kim et al. 2016) and CP (Lebedev et al. 2015).
+"""Factorized Conv1d / Conv2d layers: Tucker-2 (Kim et al. 2016), CP (Lebedev et al. 2015)
+and TT (Garipov et al. 2016).
 
     TuckerConv  1x1 conv to R_in -> k x k core conv (the layer's stride, padding,
                 dilation and padding_mode) -> 1x1 conv to out, with the bias
     CPConv      1x1 conv to R -> depthwise k_h x 1 -> depthwise 1 x k_w -> 1x1 conv
                 to out, with the bias; stride, padding and dilation split per
                 axis, so asymmetric settings survive
+    TTConv      tensor train of the kernel with modes (in, k_h, k_w, out): 1x1 conv
+                to r_1 -> k_h x 1 conv r_1 -> r_2 -> 1 x k_w conv r_2 -> r_3 -> 1x1
+                conv to out, with the bias; per-axis settings as CPConv
 
 Every conv setting is kept exactly:
 
 * ``groups``: each group is factorized on its own, as grouped 1x1 / core convs
   (a ``groups=g`` layer gives ``groups=g`` factor convs; CP's depthwise stages
-  have ``g * R`` groups), so ``to_dense()`` is block-diagonal like the weight.
+  have ``g * R`` groups; TT's stages ``g``), so ``to_dense()`` is block-diagonal like the weight.
 * ``padding='same'`` (and 'valid', ints, tuples) becomes explicit per-axis
   (left, right) padding, as torch computes it (left = total // 2).
 * ``padding_mode`` 'reflect' / 'replicate' / 'circular' pads with ``F.pad`` in
   that mode before the spatial stage(s).  This is exact: the 1x1 stage before
   commutes with padding (padding copies or zero-fills whole pixels, and that
   stage has no bias), and for CP, padding the W axis after the k_h x 1 stage
-  equals padding it before, because that stage acts on each column alone.
+  equals padding it before, because that stage acts on each column alone (so
+  does TT's k_h x 1 stage, which mixes channels but not columns).
 
 The forward is plain ``F.conv1d`` / ``F.conv2d`` / ``F.pad`` calls, so it
 traces with torch.fx.  With ``forward="reconstructed"`` the module rebuilds the
@@ -40,7 +45,7 @@ from .. import decompose
 from .. import ranks as rank_sel
 from .factorized_linear import FORWARDS, ReconstructedWeightCache
 
-__all__ = ["TuckerConv", "CPConv", "conv_padding"]
+__all__ = ["TuckerConv", "CPConv", "TTConv", "conv_padding", "tt_conv_tensor", "tt_conv_weight"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 _SPATIAL = "xy"
@@ -407,3 +412,133 @@ class CPConv(_FactorizedConv):
 
     def extra_repr(self) -> str:
         return self._settings_repr() + f", rank={self.rank}"
+
+
+def tt_conv_tensor(weight: torch.Tensor) -> torch.Tensor:
+    """A conv kernel ``[out, in, k..]`` as the TT-matrix tensor ``(in, k.., out, 1..)`` whose
+    TT (one-column cores) :func:`sparsify.decompose.tt_matrix` and :func:`sparsify.ranks.tt_ranks`
+    work on: the modes of a plain tensor train of the kernel, ordered (in, k.., out).
+
+    Example:
+        >>> tuple(tt_conv_tensor(torch.zeros(8, 4, 3, 2)).shape)
+        (4, 3, 2, 8, 1, 1, 1, 1)
+    """
+    t = weight.movedim(0, -1)
+    return t.reshape(*t.shape, *([1] * t.dim()))
+
+
+def tt_conv_weight(tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`tt_conv_tensor`."""
+    d = tensor.dim() // 2
+    return tensor.reshape(tensor.shape[:d]).movedim(-1, 0)
+
+
+class TTConv(_FactorizedConv):
+    """TT conv (Garipov et al. 2016): bond ranks ``(1, r_1, .., r_{D+1}, 1)`` per group, one
+    full (channel-mixing) conv stage per spatial axis.
+
+    The cores of each group's kernel, modes (in/g, k_1.., out/g), are the stage weights:
+    ``first_weight [g r_1, in/g, 1..]``, ``spatial_weights[a] [g r_{a+2}, r_{a+1}, (k_a on
+    axis a, 1 elsewhere)]``, ``last_weight [out, r_{D+1}, 1..]``, and ``bias``.  ``ranks`` are
+    as produced (TT-SVD can give smaller ranks than asked).
+
+    Example:
+        >>> conv = torch.nn.Conv2d(8, 16, 3, stride=(2, 1), padding=(1, 0))
+        >>> layer = TTConv.from_dense(conv, rank=4)
+        >>> layer.ranks, layer(torch.randn(1, 8, 7, 7)).shape
+        ((1, 4, 4, 4, 1), torch.Size([1, 16, 4, 5]))
+    """
+
+    method_name = "tt"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], ranks: Sequence[int], *,
+                 stride: Sequence[int], padding: Sequence[tuple[int, int]], dilation: Sequence[int], groups: int = 1,
+                 padding_mode: str = "zeros", bias: bool = True, forward: str = "factorized",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self._setup(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
+                    bias, forward, device, dtype)
+        ranks = tuple(int(r) for r in ranks)
+        if len(ranks) != self.dim + 3 or ranks[0] != 1 or ranks[-1] != 1 or min(ranks) < 1:
+            raise ValueError(f"TTConv: expected {self.dim + 3} bond ranks (1, ..., 1) for a {self.dim}-d kernel; "
+                             f"got {ranks}")
+        self.ranks = ranks
+        r = ranks
+        self.first_weight = self._pointwise(groups * r[1], in_channels // groups, device, dtype)
+        self.spatial_weights = nn.ParameterList([
+            nn.Parameter(torch.randn(groups * r[a + 2], r[a + 1],
+                                     *[k if b == a else 1 for b, k in enumerate(self.kernel_size)],
+                                     device=device, dtype=dtype) / math.sqrt(r[a + 1] * self.kernel_size[a]))
+            for a in range(self.dim)])
+        self.last_weight = self._pointwise(out_channels, r[-2], device, dtype)
+
+    def _factorized(self, x: torch.Tensor) -> torch.Tensor:
+        conv = _CONV[self.dim]
+        h = conv(x, self.first_weight, None, 1, 0, 1, self.groups)
+        for a, sw in enumerate(self.spatial_weights):
+            h = self._padded_conv(h, sw, self.groups, (a,))
+        return conv(h, self.last_weight, self.bias, 1, 0, 1, self.groups)
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact weight ``[out, in/g, k..]`` the cores represent; differentiable."""
+        g, r = self.groups, self.ranks
+        sp, bonds = _SPATIAL[: self.dim], "abc"[: self.dim + 1]
+        ops = [self.first_weight.reshape(g, r[1], self.in_channels // g)]
+        subs = [f"g{bonds[0]}i"]
+        for a, sw in enumerate(self.spatial_weights):
+            ops.append(sw.reshape(g, r[a + 2], r[a + 1], self.kernel_size[a]))
+            subs.append(f"g{bonds[a + 1]}{bonds[a]}{sp[a]}")
+        ops.append(self.last_weight.reshape(g, self.out_channels // g, r[-2]))
+        subs.append(f"go{bonds[-1]}")
+        w = torch.einsum(",".join(subs) + f"->goi{sp}", *ops)
+        return w.reshape(self.out_channels, self.in_channels // g, *self.kernel_size)
+
+    def factorized_stages(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """``(FLOPs, input + weight + output elements)`` of the 1x1, per-axis and 1x1 convs."""
+        batch, spatial = math.prod(input_shape[:-self.dim - 1]), list(input_shape[-self.dim:])
+        g, r, cin, cout = self.groups, self.ranks, self.in_channels, self.out_channels
+        s = math.prod(spatial)
+        out = [(2 * batch * s * cin * r[1], batch * s * (cin + g * r[1]) + r[1] * cin)]
+        for a in range(self.dim):
+            spatial = self._out_spatial(spatial, (a,))
+            s_prev, s = s, math.prod(spatial)
+            w = g * r[a + 1] * self.kernel_size[a] * r[a + 2]
+            out.append((2 * batch * s * w, batch * g * (r[a + 1] * s_prev + r[a + 2] * s) + w))
+        bias = batch * s * cout if self.bias is not None else 0
+        out.append((2 * batch * s * cout * r[-2] + bias, batch * s * (g * r[-2] + cout) + cout * r[-2]))
+        return out
+
+    def reconstruction_flops(self) -> int:
+        """The contraction of the cores in order (in, k_1, .., out), per group."""
+        r, cin = self.ranks, self.in_channels // self.groups
+        n, flops = cin, 0
+        for a, k in enumerate(self.kernel_size):
+            flops += 2 * n * r[a + 1] * k * r[a + 2]
+            n *= k
+        return self.groups * (flops + 2 * n * r[-2] * (self.out_channels // self.groups))
+
+    @classmethod
+    def from_dense(cls, layer: nn.Module, rank="same", *, tolerance: float | None = None,
+                   energy: float | None = None, rank_multiple: int = 1, forward: str = "factorized") -> TTConv:
+        """TT-SVD of each group's kernel with modes (in/g, k.., out/g); ``rank`` as in
+        :func:`sparsify.ranks.tt_ranks` (bond ranks of one group; a group whose TT-SVD
+        gives a smaller bond is zero-padded to the largest, which is exact)."""
+        settings = cls._settings_of(layer)
+        ts = [tt_conv_tensor(wg) for wg in cls._groups_of(layer)]
+        asked = rank_sel.tt_ranks(ts, rank, tolerance=tolerance, energy=energy, rank_multiple=rank_multiple)
+        per_group = [[c[:, :, 0, :] for c in decompose.tt_matrix(t, asked)] for t in ts]
+        produced = (1, *(max(cs[k].shape[-1] for cs in per_group) for k in range(len(asked) - 1)))
+        new = cls(layer.in_channels, layer.out_channels, settings.pop("kernel_size"), produced, **settings,
+                  forward=forward, dtype=torch.float64)
+        padded = [[F.pad(c, (0, produced[k + 1] - c.shape[-1], 0, 0, 0, produced[k] - c.shape[0]))
+                   for k, c in enumerate(cs)] for cs in per_group]
+        with torch.no_grad():
+            # core [r_prev, n, r_next] -> conv weight [r_next, r_prev or n, ..]
+            new.first_weight.copy_(torch.cat([cs[0][0].T for cs in padded]).reshape(new.first_weight.shape))
+            for a, p in enumerate(new.spatial_weights):
+                p.copy_(torch.cat([cs[a + 1].permute(2, 0, 1) for cs in padded]).reshape(p.shape))
+            new.last_weight.copy_(torch.stack([cs[-1][:, :, 0].T for cs in padded]).reshape(new.last_weight.shape))
+        return new._finish(layer)
+
+    def extra_repr(self) -> str:
+        return self._settings_repr() + f", ranks={self.ranks}"
