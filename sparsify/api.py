@@ -87,7 +87,7 @@ def densify(module: nn.Module) -> nn.Module:
     Example:
         >>> import torch, sparsify
         >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(256, 256)), density=0.5)
-        >>> type(sparsify.densify(m)[0]).__name__
+        >>> type(sparsify.densify(m).get_submodule("0")).__name__
         'Linear'
     """
     out = copy.deepcopy(module)

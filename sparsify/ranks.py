@@ -61,11 +61,12 @@ RankSpec = Any  # int | float | str | Sequence[int] | None
 
 # ----------------------------------------------------------------- basic rules
 def round_rank(r: int, multiple: int, cap: int) -> int:
-    """``r`` rounded to the nearest multiple of ``multiple``, within ``[1, cap]``.
+    """``r`` rounded to the nearest multiple of ``multiple``, within ``[1, cap]``
+    (the largest multiple under ``cap`` when rounding up would pass it).
 
     Example:
         >>> round_rank(13, 8, 100), round_rank(3, 8, 100), round_rank(60, 8, 50)
-        (16, 8, 50)
+        (16, 8, 48)
     """
     r = max(1, min(int(r), cap))
     if multiple > 1:
@@ -425,11 +426,15 @@ def allocate(curves: list[Curve], budget: float, fixed: float = 0.0) -> list[Cur
 
     Raises ``ValueError`` if even the smallest levels exceed the budget.
 
+    Greedy is not always optimal: below, ``[1, 3]`` has error 1.0 and greedy
+    finds ``[3, 1]`` with 1.1, because b's big step does not fit once a's
+    steeper first step is taken.
+
     Example:
         >>> a = Curve("a", [(1, 1.0, 1), (2, 0.2, 2), (3, 0.1, 3)])
         >>> b = Curve("b", [(1, 1.0, 1), (2, 0.9, 2), (3, 0.0, 3)])
         >>> [c.spec for c in allocate([a, b], 4)]
-        [2, 2]
+        [3, 1]
     """
     for c in curves:
         c.chosen = c.hull[0]
