@@ -134,7 +134,7 @@ def conversion_times(ranks: list[float]) -> list[dict]:
     """sparsify alone: conversion time per layer and method at larger ranks."""
     out = []
     for lname, (make, in_shape) in LAYERS.items():
-        for method in (["cp", "tucker", "tt"] if "Linear" in lname else ["cp", "tucker"]):
+        for method in ("cp", "tucker", "tt"):
             for frac in ranks:
                 torch.manual_seed(0)
                 layer, x = make(), torch.randn(*in_shape)
@@ -169,7 +169,7 @@ def bench(args) -> list[dict]:
 
     rows = []
     for lname, (make, in_shape) in LAYERS.items():
-        methods = ["cp", "tucker", "tt"] if "Linear" in lname else ["cp", "tucker"]
+        methods = ["cp", "tucker", "tt"]
         if args.quick:
             methods = methods[1:2]
         for method in methods:
