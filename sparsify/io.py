@@ -25,8 +25,8 @@ import datetime
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -121,15 +121,27 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return out_p
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``path`` (``.NAME.kind-PID-RANDOM``), not yet created."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
 @contextlib.contextmanager
 def _staging_dir(out: Path):
     """A temporary folder beside ``out``; removed unless renamed into place."""
-    tmp = None
+    # The name is chosen before the folder exists, so an interrupt that lands just
+    # after the mkdir (inside tempfile.mkdtemp it would) still knows what to remove.
+    tmp = _sibling(out, "tmp")
+    ours = True
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tmp.mkdir(mode=0o700)
+        except FileExistsError:
+            ours = False  # never remove a folder this call did not make
+            raise
         yield tmp
     finally:
-        if tmp is not None and tmp.exists():
+        if ours and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -137,8 +149,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
     _fsync_dir(tmp)
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
+        old = _sibling(out, "old")
         os.rename(out, old)
         try:
             os.replace(tmp, out)
@@ -154,16 +165,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write a file via a temporary file beside it and ``os.replace``."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", dir=p.parent)
+    tmp = _sibling(p, "tmp")
+    ours = True
     try:
+        try:  # O_EXCL: the name is ours only if this call creates it
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            ours = False
+            raise
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if ours and tmp.exists():
+            tmp.unlink()
 
 
 # ------------------------------------------------------------------------ save
