@@ -47,6 +47,23 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def scatter_blocks(
+    values: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, n_block_cols: int,
+    n_block_rows: int, shape: tuple[int, int],
+) -> torch.Tensor:
+    """Blocks ``values [nnz, b, b]`` at block coordinates -> a dense ``shape`` matrix (padding cropped)."""
+    b = values.shape[-1]
+    out = values.new_zeros(n_block_rows, b, n_block_cols, b)
+    out.permute(0, 2, 1, 3)[row_indices.long(), col_indices.long()] = values
+    return out.view(n_block_rows * b, n_block_cols * b)[: shape[0], : shape[1]]
+
+
+def gather_blocks(padded: torch.Tensor, row_indices: torch.Tensor, col_indices: torch.Tensor, b: int) -> torch.Tensor:
+    """The ``[nnz, b, b]`` blocks of a padded dense matrix at the given block coordinates."""
+    blocks = padded.reshape(padded.shape[0] // b, b, padded.shape[1] // b, b).permute(0, 2, 1, 3)
+    return blocks[row_indices.long(), col_indices.long()].contiguous()
+
+
 class BlockSparseLayout:
     """The pattern of a block-sparse matrix: shape, block size, CSR block indices.
 
@@ -263,13 +280,10 @@ class BlockSparseLayout:
         """Gather the stored blocks of ``dense`` (logical shape) into ``[nnz, b, b]``."""
         if tuple(dense.shape) != self.shape:
             raise ValueError(f"Expected a dense matrix of shape {self.shape}. Got {tuple(dense.shape)}.")
-        b = self.block_size
         pr, pc = self.padded_shape
         padded = torch.nn.functional.pad(dense, (0, pc - self.shape[1], 0, pr - self.shape[0]))
-        blocks = padded.reshape(self.n_block_rows, b, self.n_block_cols, b).permute(0, 2, 1, 3)
-        rows = self.row_indices.to(dense.device).long()
-        cols = self.col_indices.to(dense.device).long()
-        return blocks[rows, cols].contiguous()
+        return gather_blocks(padded, self.row_indices.to(dense.device), self.col_indices.to(dense.device),
+                             self.block_size)
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
         """Scatter ``values [nnz, b, b]`` into a dense matrix of the logical shape."""
@@ -278,9 +292,5 @@ class BlockSparseLayout:
             raise ValueError(
                 f"Expected values of shape ({self.nnz}, {b}, {b}) for {self!r}. Got {tuple(values.shape)}."
             )
-        pr, pc = self.padded_shape
-        out = values.new_zeros(self.n_block_rows, b, self.n_block_cols, b)
-        rows = self.row_indices.to(values.device).long()
-        cols = self.col_indices.to(values.device).long()
-        out.permute(0, 2, 1, 3)[rows, cols] = values
-        return out.reshape(pr, pc)[: self.shape[0], : self.shape[1]]
+        return scatter_blocks(values, self.row_indices.to(values.device), self.col_indices.to(values.device),
+                              self.n_block_cols, self.n_block_rows, self.shape)

@@ -78,18 +78,10 @@ def bsmm(
     ``static_weight=True`` promises that ``values`` changes only through
     in-place ops that bump its version counter (modules pass it in eval mode);
     an executor may then cache forms derived from the weight."""
-    _check_inputs("bsmm", x, values, in_features, "x")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"sparsify.bsmm: unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features).contiguous()
-    r2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
-    meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
-    y = executor_for(x.device).forward(
-        x2, values, meta, bias, r2, activation, out_features, out_dtype, static_weight
-    )
+    meta = [row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids]
+    y = _forward(x, values, meta, bias, residual, out_features, in_features, activation, out_dtype, static_weight)
     # Executors may return any strides; the op's output is contiguous, as its fake says.
-    return y.reshape(*lead, out_features).contiguous()
+    return y.contiguous()
 
 
 def bsmm_eager(
@@ -111,14 +103,19 @@ def bsmm_eager(
     view.  Modules call this when nothing needs the op (no autograd, no
     tracing, compiling or tensor subclasses; see ``eager_inference``).
     """
+    return _forward(x, values, meta, bias, residual, out_features, in_features, activation, None, static_weight)
+
+
+def _forward(x, values, meta, bias, residual, out_features, in_features, activation, out_dtype, static_weight):
+    """Check, flatten to 2-D, run the executor; the result may have any strides."""
     _check_inputs("bsmm", x, values, in_features, "x")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsify.bsmm: unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = x.reshape(-1, in_features).contiguous()
     r2 = None if residual is None else residual.reshape(-1, out_features).contiguous()
     y = executor_for(x.device).forward(
-        x2, values, _meta(*meta), bias, r2, activation, out_features, None, static_weight
+        x2, values, _meta(*meta), bias, r2, activation, out_features, out_dtype, static_weight
     )
     return y.reshape(*lead, out_features)
 

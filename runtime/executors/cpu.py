@@ -33,6 +33,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..layout import gather_blocks, scatter_blocks
+
 __all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", "dense_weight", "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -155,12 +157,8 @@ def _cached(values: torch.Tensor, meta, what: str, shape, build):
 
 
 def _materialize(values: torch.Tensor, meta, shape: tuple[int, int]) -> torch.Tensor:
-    nnz, b, _ = values.shape
-    nbr = meta.row_offsets.numel() - 1
-    nbc = -(-shape[1] // b)
-    out = values.new_zeros(nbr, b, nbc, b)
-    out.permute(0, 2, 1, 3)[meta.row_indices.long(), meta.col_indices.long()] = values
-    return out.view(nbr * b, nbc * b)[: shape[0], : shape[1]]
+    nbc = -(-shape[1] // values.shape[-1])
+    return scatter_blocks(values, meta.row_indices, meta.col_indices, nbc, meta.row_offsets.numel() - 1, shape)
 
 
 def dense_weight(values: torch.Tensor, meta, shape: tuple[int, int], static: bool = False) -> torch.Tensor:
@@ -280,8 +278,7 @@ class CPUExecutor:
         dyp = _pad_cols(dy, nbr * b).view(m, nbr, b)
         xp = _pad_cols(x, nbc * b).view(m, nbc, b)
         if _density(meta, nbr, nbc) >= DENSE_ABOVE_DENSITY and os.environ.get("SPARSIFY_CPU_PATH") in (None, "", "dense"):
-            full = (dyp.reshape(m, -1).T @ xp.reshape(m, -1)).view(nbr, b, nbc, b)
-            return full.permute(0, 2, 1, 3)[rows, cols].contiguous()
+            return gather_blocks(dyp.reshape(m, -1).T @ xp.reshape(m, -1), rows, cols, b)
         out = x.new_empty(nnz, b, b)
         chunk = max(1, _GATHER_BYTES // max(1, 2 * m * b * x.element_size()))
         for start in range(0, nnz, chunk):  # chunks of blocks, not single blocks
