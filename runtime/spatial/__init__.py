@@ -1,0 +1,38 @@
+"""Spatially sparse tensors in the runtime: coordinate maps, kernel maps and the spatial ops.
+
+Tiers, lowest first: :mod:`.coords` (coordinate maps, hashing / lookup, kernel
+offsets, kernel maps) and :mod:`.manager` (the coordinate manager that caches
+them) are the format; :mod:`.ops` registers ``torch.ops.sparsify.spatial_*``
+with fake implementations and autograd; :mod:`.cpu` is the reference executor
+and :mod:`.cuda` the NVRTC kernels.  Nothing here imports passes or the API.
+"""
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.sparsify.spatial_*)
+from .coords import (
+    CoordinateIndex,
+    CoordinateMap,
+    KernelMap,
+    build_kernel_map,
+    kernel_offsets,
+    kernel_volume,
+    stride_coordinates,
+    unique_coordinates,
+)
+from .manager import CoordinateManager, CoordinateMapKey, as_stride
+from .ops import register_spatial_executor, spatial_executor_for
+
+__all__ = [
+    "CoordinateIndex",
+    "CoordinateManager",
+    "CoordinateMap",
+    "CoordinateMapKey",
+    "KernelMap",
+    "as_stride",
+    "build_kernel_map",
+    "kernel_offsets",
+    "kernel_volume",
+    "register_spatial_executor",
+    "spatial_executor_for",
+    "stride_coordinates",
+    "unique_coordinates",
+]

@@ -1,0 +1,398 @@
+"""Coordinate maps and kernel maps: the format of spatially sparse tensors.
+
+A :class:`CoordinateMap` is a set of integer coordinates ``[N, 1 + D]`` (batch
+index first) at one tensor stride, with row ``i`` being the ``i``-th point.  It
+answers "which row holds this coordinate?" for many queries at once through a
+:class:`CoordinateIndex`: every coordinate is packed into one int64 key by a
+mixed-radix code over the map's bounding box, and keys are looked up either in
+a dense table over the box (when the box is small, as it is for voxelized
+scenes) or by binary search in the sorted keys.  No Python loop runs per point.
+
+A :class:`KernelMap` lists, for each kernel offset ``k``, the pairs
+``(in_row, out_row)`` such that ``out_coord + offset_k == in_coord``: the
+gather / scatter indices of a sparse convolution.  Pairs are grouped by offset
+(``k_offsets`` gives each group's slice), indices are int32 (what the CUDA
+kernels read; the CPU executor reads the same tensors).
+
+Kernel offsets follow MinkowskiEngine's ``HYPER_CUBE`` / ``HYPER_CROSS`` order:
+the first spatial axis varies fastest; an odd size ``k`` spans
+``-(k // 2) .. k // 2``, an even size ``0 .. k - 1``; each step is
+``dilation * tensor_stride`` on its axis.
+
+Example:
+    >>> import torch
+    >>> m = CoordinateMap(torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.int32), (1, 1))
+    >>> m.index().lookup(torch.tensor([[0, 1, 0], [0, 5, 5]], dtype=torch.int32)).tolist()
+    [1, -1]
+    >>> kernel_offsets("hypercube", (3, 3), (1, 1), (1, 1))[:4].tolist()
+    [[-1, -1], [0, -1], [1, -1], [-1, 0]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "REGION_TYPES",
+    "CoordinateIndex",
+    "CoordinateMap",
+    "KernelMap",
+    "build_kernel_map",
+    "check_coordinates",
+    "expand_region",
+    "kernel_offsets",
+    "kernel_volume",
+    "stride_coordinates",
+    "unique_coordinates",
+]
+
+REGION_TYPES = ("hypercube", "hypercross", "custom")
+# A dense lookup table is used when the padded bounding box has at most this many
+# cells (an int32 table of 256 MiB) and at most _DENSE_PER_POINT cells per point.
+_DENSE_MAX_CELLS = 1 << 26
+_DENSE_PER_POINT = 256
+_INT64_SAFE = 1 << 62
+
+
+def check_coordinates(coords: torch.Tensor, where: str) -> None:
+    """Raise a specific error unless ``coords`` is an integer ``[N, 1 + D]`` tensor with D >= 1.
+
+    Example:
+        >>> check_coordinates(torch.zeros(3, 4, dtype=torch.int32), "here")
+    """
+    if not isinstance(coords, torch.Tensor):
+        raise TypeError(f"{where}: expected coordinates as a torch.Tensor. Got {type(coords).__name__}.")
+    if coords.dim() != 2 or coords.shape[1] < 2:
+        raise ValueError(
+            f"{where}: expected coordinates of shape [N, 1 + D] (batch index first, D >= 1). "
+            f"Got shape {tuple(coords.shape)}; use sparsify.spatial.utils.batched_coordinates to add the batch column."
+        )
+    if coords.dtype.is_floating_point or coords.dtype == torch.bool or coords.is_complex():
+        raise TypeError(
+            f"{where}: expected integer coordinates (int32). Got {coords.dtype}; quantize them first "
+            "(sparsify.spatial.utils.sparse_quantize, or a TensorField)."
+        )
+
+
+# --------------------------------------------------------------------- kernels
+def kernel_volume(region_type: str, kernel_size: Sequence[int], offsets: torch.Tensor | None = None) -> int:
+    """Number of offsets of a kernel region.
+
+    Example:
+        >>> kernel_volume("hypercube", (3, 3, 3)), kernel_volume("hypercross", (3, 3, 3))
+        (27, 7)
+    """
+    if region_type == "hypercube":
+        return math.prod(kernel_size)
+    if region_type == "hypercross":
+        return 1 + sum(k - 1 for k in kernel_size)
+    if region_type == "custom":
+        if offsets is None:
+            raise ValueError("region_type 'custom' needs region_offsets of shape [K, D].")
+        return int(offsets.shape[0])
+    raise ValueError(f"unknown region_type {region_type!r}; expected one of {REGION_TYPES}.")
+
+
+def kernel_offsets(
+    region_type: str,
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    tensor_stride: Sequence[int],
+    region_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kernel's offsets ``[K, D]`` (int64) in MinkowskiEngine's order, in coordinate units.
+
+    ``custom`` offsets are given in units of ``dilation * tensor_stride`` per axis.
+
+    Example:
+        >>> kernel_offsets("hypercube", (2,), (1,), (4,)).tolist()
+        [[0], [4]]
+        >>> kernel_offsets("hypercross", (3, 3), (1, 1), (1, 1)).tolist()
+        [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]]
+    """
+    d = len(kernel_size)
+    step = torch.tensor([int(a) * int(b) for a, b in zip(dilation, tensor_stride)], dtype=torch.int64)
+    if region_type == "hypercube":
+        axes = []
+        for k in kernel_size:
+            r = torch.arange(k, dtype=torch.int64)
+            axes.append(r - k // 2 if k % 2 else r)
+        # meshgrid with the LAST axis slowest: index k = a0 + K0 * (a1 + K1 * a2 ...)
+        grids = torch.meshgrid(*reversed(axes), indexing="ij")
+        units = torch.stack([g.reshape(-1) for g in reversed(grids)], dim=1)
+        return units * step
+    if region_type == "hypercross":
+        if any(k % 2 == 0 for k in kernel_size):
+            raise ValueError(f"region_type 'hypercross' needs odd kernel sizes. Got {tuple(kernel_size)}.")
+        rows = [torch.zeros(d, dtype=torch.int64)]
+        for axis, k in enumerate(kernel_size):
+            r = (k - 1) // 2
+            for ind in range(k - 1):
+                v = torch.zeros(d, dtype=torch.int64)
+                v[axis] = ind + 1 if ind < r else ind - 2 * r
+                rows.append(v)
+        return torch.stack(rows) * step
+    if region_type == "custom":
+        if region_offsets is None or region_offsets.dim() != 2 or region_offsets.shape[1] != d:
+            raise ValueError(
+                f"region_type 'custom' needs region_offsets of shape [K, {d}]. "
+                f"Got {None if region_offsets is None else tuple(region_offsets.shape)}."
+            )
+        return region_offsets.to(torch.int64).cpu() * step
+    raise ValueError(f"unknown region_type {region_type!r}; expected one of {REGION_TYPES}.")
+
+
+# ------------------------------------------------------------------- indexing
+@dataclass
+class CoordinateIndex:
+    """Lookup of coordinates in one map: a mixed-radix int64 key over a padded box.
+
+    ``pad`` (per spatial axis) is how far queries may stray outside the map's box
+    and still be encoded without wrapping; queries further out are misses."""
+
+    lo: torch.Tensor  # int64 [1 + D], lowest encodable coordinate per column
+    hi: torch.Tensor  # int64 [1 + D], highest encodable coordinate per column
+    mult: torch.Tensor  # int64 [1 + D], key = sum((c - lo) * mult)
+    table: torch.Tensor | None  # int32 [cells] row or -1 (dense mode)
+    sorted_keys: torch.Tensor | None  # int64 [N] (search mode)
+    order: torch.Tensor | None  # int64 [N] row of each sorted key
+    n: int
+
+    @classmethod
+    def build(cls, coords: torch.Tensor, pad: Sequence[int]) -> CoordinateIndex:
+        c = coords.to(torch.int64)
+        n, cols = c.shape
+        padv = torch.tensor([0, *[2 * int(p) for p in pad]], dtype=torch.int64, device=c.device)
+        if n:
+            lo = c.amin(0) - padv
+            hi = c.amax(0) + padv
+        else:
+            lo = torch.zeros(cols, dtype=torch.int64, device=c.device)
+            hi = lo.clone()
+        ext = (hi - lo + 1).tolist()
+        mult_l, acc = [], 1
+        for e in reversed(ext):
+            mult_l.append(acc)
+            acc *= e
+        if acc >= _INT64_SAFE:
+            raise ValueError(
+                f"sparsify.spatial: the coordinates span a box of {ext} cells, too large to index with "
+                "64-bit keys; shift or quantize them into a smaller range."
+            )
+        mult = torch.tensor(list(reversed(mult_l)), dtype=torch.int64, device=c.device)
+        keys = ((c - lo) * mult).sum(1) if n else torch.zeros(0, dtype=torch.int64, device=c.device)
+        if n and acc <= _DENSE_MAX_CELLS and acc <= max(_DENSE_PER_POINT * n, 1 << 20):
+            table = torch.full((acc,), -1, dtype=torch.int32, device=c.device)
+            # Several rows with one key (unquantized input) keep the LAST row here;
+            # maps are unique by construction, so this only matters for misuse.
+            table[keys] = torch.arange(n, dtype=torch.int32, device=c.device)
+            return cls(lo, hi, mult, table, None, None, n)
+        sorted_keys, order = torch.sort(keys)
+        return cls(lo, hi, mult, None, sorted_keys, order, n)
+
+    def encode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, inside)`` for query coordinates ``[M, 1 + D]``."""
+        q = q.to(torch.int64)
+        inside = ((q >= self.lo) & (q <= self.hi)).all(1)
+        keys = ((q - self.lo) * self.mult).sum(1)
+        return keys, inside
+
+    def lookup_keys(self, keys: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        """Row (int64) of each key, -1 where absent or outside the box."""
+        if self.n == 0:
+            return torch.full_like(keys, -1)
+        if self.table is not None:
+            safe = torch.where(inside, keys, torch.zeros_like(keys))
+            rows = self.table[safe].to(torch.int64)
+            return torch.where(inside, rows, torch.full_like(rows, -1))
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max(self.n - 1)
+        hit = (self.sorted_keys[pos] == keys) & inside
+        return torch.where(hit, self.order[pos], torch.full_like(pos, -1))
+
+    def lookup(self, q: torch.Tensor) -> torch.Tensor:
+        """Row of each query coordinate (int64), -1 where absent."""
+        keys, inside = self.encode(q)
+        return self.lookup_keys(keys, inside)
+
+
+@dataclass(eq=False)
+class CoordinateMap:
+    """Unique integer coordinates ``[N, 1 + D]`` (int32, batch first) at one tensor stride."""
+
+    coordinates: torch.Tensor
+    tensor_stride: tuple[int, ...]
+    _indexes: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_coordinates(self.coordinates, "CoordinateMap")
+        if self.coordinates.dtype != torch.int32:
+            self.coordinates = self.coordinates.to(torch.int32)
+        self.tensor_stride = tuple(int(s) for s in self.tensor_stride)
+        if len(self.tensor_stride) != self.dimension:
+            raise ValueError(
+                f"CoordinateMap: tensor_stride {self.tensor_stride} has {len(self.tensor_stride)} entries; "
+                f"the coordinates have {self.dimension} spatial dimensions."
+            )
+
+    @property
+    def dimension(self) -> int:
+        return self.coordinates.shape[1] - 1
+
+    def __len__(self) -> int:
+        return self.coordinates.shape[0]
+
+    def index(self, pad: Sequence[int] | None = None) -> CoordinateIndex:
+        """The lookup structure for queries up to ``pad`` outside the box (cached per pad)."""
+        key = tuple(pad) if pad is not None else (0,) * self.dimension
+        idx = self._indexes.get(key)
+        if idx is None:
+            idx = CoordinateIndex.build(self.coordinates, key)
+            self._indexes[key] = idx
+        return idx
+
+
+# ------------------------------------------------------------------ unique / stride
+def unique_coordinates(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unique_index, inverse_mapping)``: the first row of each distinct coordinate, in order of
+    first appearance (MinkowskiEngine's CPU order), and for each row the position of its coordinate.
+
+    Example:
+        >>> c = torch.tensor([[0, 5], [0, 2], [0, 5], [1, 2]])
+        >>> [t.tolist() for t in unique_coordinates(c)]
+        [[0, 1, 3], [0, 1, 0, 2]]
+    """
+    n = coords.shape[0]
+    if n == 0:
+        z = torch.zeros(0, dtype=torch.int64, device=coords.device)
+        return z, z.clone()
+    c = coords.to(torch.int64)
+    lo = c.amin(0)
+    ext = (c.amax(0) - lo + 1).tolist()
+    if math.prod(ext) < _INT64_SAFE:
+        mult_l, acc = [], 1
+        for e in reversed(ext):
+            mult_l.append(acc)
+            acc *= e
+        mult = torch.tensor(list(reversed(mult_l)), dtype=torch.int64, device=c.device)
+        _, inv = torch.unique(((c - lo) * mult).sum(1), return_inverse=True)
+    else:
+        _, inv = torch.unique(c, dim=0, return_inverse=True)
+    m = int(inv.max()) + 1
+    first = torch.full((m,), n, dtype=torch.int64, device=c.device)
+    first.scatter_reduce_(0, inv, torch.arange(n, device=c.device), reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(m, device=c.device)
+    return first[order], rank[inv]
+
+
+def stride_coordinates(coords: torch.Tensor, tensor_stride: Sequence[int]) -> torch.Tensor:
+    """``floor(c / s) * s`` on the spatial columns (the coordinates a strided map holds).
+
+    Example:
+        >>> stride_coordinates(torch.tensor([[0, -1, 3]], dtype=torch.int32), (2, 2)).tolist()
+        [[0, -2, 2]]
+    """
+    s = torch.tensor([1, *tensor_stride], dtype=coords.dtype, device=coords.device)
+    return torch.div(coords, s, rounding_mode="floor") * s
+
+
+def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Sequence[int] | None) -> torch.Tensor:
+    """Every ``coord + offset`` (optionally only those aligned to ``out_stride``), unique, in order
+    of first appearance with coordinates outer and offsets inner (MinkowskiEngine's
+    ``stride_region``: generative transposed convolution and ``expand_coordinates``).
+
+    Example:
+        >>> c = torch.tensor([[0, 0]], dtype=torch.int32)
+        >>> expand_region(c, torch.tensor([[0], [1]]), None).tolist()
+        [[0, 0], [0, 1]]
+    """
+    k = offsets.shape[0]
+    off = torch.cat([torch.zeros(k, 1, dtype=torch.int64), offsets.to(torch.int64)], 1).to(coords.device)
+    cand = (coords.to(torch.int64)[:, None, :] + off[None]).reshape(-1, coords.shape[1])
+    if out_stride is not None:
+        s = torch.tensor(list(out_stride), dtype=torch.int64, device=coords.device)
+        cand = cand[(cand[:, 1:] % s == 0).all(1)]
+    first, _ = unique_coordinates(cand)
+    return cand[first].to(torch.int32)
+
+
+# ------------------------------------------------------------------ kernel maps
+@dataclass(eq=False)
+class KernelMap:
+    """Gather / scatter pairs of a sparse convolution, grouped by kernel offset.
+
+    ``in_idx[p]`` / ``out_idx[p]`` (int32) for ``p`` in ``k_offsets[k] .. k_offsets[k + 1]``
+    are the pairs of offset ``k``.  ``identity_k`` is the offset whose pairs are exactly
+    ``(i, i)`` for every row (the centre of a same-map odd kernel), or -1: executors
+    run it as one dense product without gather or scatter."""
+
+    in_idx: torch.Tensor
+    out_idx: torch.Tensor
+    k_offsets: tuple[int, ...]
+    n_in: int
+    n_out: int
+    identity_k: int = -1
+
+    @property
+    def volume(self) -> int:
+        return len(self.k_offsets) - 1
+
+    @property
+    def pairs(self) -> int:
+        return self.k_offsets[-1]
+
+    def transposed(self) -> KernelMap:
+        """The same pairs with input and output swapped (transposed convolution)."""
+        return KernelMap(self.out_idx, self.in_idx, self.k_offsets, self.n_out, self.n_in, self.identity_k)
+
+    def to(self, device: torch.device) -> KernelMap:
+        return KernelMap(self.in_idx.to(device), self.out_idx.to(device), self.k_offsets,
+                         self.n_in, self.n_out, self.identity_k)
+
+
+def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: torch.Tensor) -> KernelMap:
+    """Pairs ``(i, o)`` with ``out_map[o] + offsets[k] == in_map[i]``, one offset at a time.
+
+    Example:
+        >>> a = CoordinateMap(torch.tensor([[0, 0], [0, 1], [0, 3]], dtype=torch.int32), (1,))
+        >>> km = build_kernel_map(a, a, kernel_offsets("hypercube", (3,), (1,), (1,)))
+        >>> km.k_offsets, km.in_idx.tolist(), km.out_idx.tolist(), km.identity_k
+        ((0, 1, 4, 5), [0, 0, 1, 2, 1], [1, 0, 1, 2, 0], 1)
+    """
+    offsets = offsets.to(torch.int64)
+    dev = out_map.coordinates.device
+    pad = offsets.abs().amax(0).tolist() if offsets.numel() else [0] * in_map.dimension
+    index = in_map.index(pad)
+    oc = out_map.coordinates.to(torch.int64)
+    # Out points more than `pad` outside the input box have no neighbours; the
+    # rest stay inside the padded box after any offset, so a key shift is exact.
+    near = ((oc >= index.lo + torch.tensor([0, *pad], device=dev)) &
+            (oc <= index.hi - torch.tensor([0, *pad], device=dev))).all(1)
+    rows_near = torch.nonzero(near).squeeze(1)
+    base = ((oc[rows_near] - index.lo) * index.mult).sum(1)
+    shifts = (offsets.to(dev) * index.mult[1:]).sum(1).tolist()
+    ins, outs, bounds = [], [], [0]
+    identity_k = -1
+    same = in_map is out_map
+    inside = torch.ones_like(base, dtype=torch.bool)
+    for k, shift in enumerate(shifts):
+        if same and shift == 0:
+            n = len(in_map)
+            r = torch.arange(n, dtype=torch.int32, device=dev)
+            ins.append(r)
+            outs.append(r)
+            identity_k = k
+        else:
+            rows = index.lookup_keys(base + shift, inside)
+            hit = rows >= 0
+            ins.append(rows[hit].to(torch.int32))
+            outs.append(rows_near[hit].to(torch.int32))
+        bounds.append(bounds[-1] + ins[-1].shape[0])
+    in_idx = torch.cat(ins) if ins else torch.zeros(0, dtype=torch.int32, device=dev)
+    out_idx = torch.cat(outs) if outs else torch.zeros(0, dtype=torch.int32, device=dev)
+    return KernelMap(in_idx, out_idx, tuple(bounds), len(in_map), len(out_map), identity_k)
