@@ -205,20 +205,24 @@ class CoordinateManager:
         self._maps[out_key] = cmap
         return out_key
 
-    def origin(self, in_key: CoordinateMapKey | None = None) -> CoordinateMapKey:
-        """The map of one point per batch index (``[b, 0, ..., 0]``, tensor stride 0), sorted by b."""
-        src = self.coordinate_map(in_key) if in_key is not None else next(iter(self._maps.values()))
-        batches = torch.unique(src.coordinates[:, 0])
+    def origin(self, in_key: CoordinateMapKey | None = None, batch: torch.Tensor | None = None) -> CoordinateMapKey:
+        """The map of one point per batch index (``[b, 0, ..., 0]``, tensor stride 0), sorted by b,
+        for the batch indices of ``in_key`` (or of ``batch``)."""
+        if batch is None:
+            src = self.coordinate_map(in_key) if in_key is not None else next(iter(self._maps.values()))
+            batch = src.coordinates[:, 0]
+        batches = torch.unique(batch)
         key = CoordinateMapKey((0,) * self.D, "origin")
         coords = torch.zeros(batches.numel(), self.D + 1, dtype=torch.int32, device=batches.device)
         coords[:, 0] = batches
         old = self._maps.get(key)
-        if old is None or not torch.equal(old.coordinates, coords):
-            cmap = CoordinateMap.__new__(CoordinateMap)
-            cmap.coordinates, cmap.tensor_stride, cmap._indexes = coords, (0,) * self.D, {}
+        if old is not None and torch.equal(old.coordinates, coords):
+            return key
+        cmap = CoordinateMap(coords, (0,) * self.D)
+        if old is None:
             self._maps[key] = cmap
-            self._kernel_maps = {k: v for k, v in self._kernel_maps.items() if key not in k[:2]}
-        return key
+            return key
+        return self.insert(cmap, "origin")
 
     def prune(self, in_key: CoordinateMapKey, keep: torch.Tensor) -> CoordinateMapKey:
         """A new map with the rows of ``in_key`` where ``keep`` is true, in the same order."""
