@@ -64,49 +64,92 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
   return static_cast<u32>(__cvta_generic_to_shared(p));
 }
 
+// SPARSIFY_EMULATOR: the CPU emulator (sparsify.runtime.emulator) builds these
+// sources for the host; each wrapper then runs the host version of the same PTX
+// instruction, with the same operands.  This seam is the only emulator-specific code.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::cp_async_cg(smem_addr(smem), gmem, 16);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::cp_async_commit_group();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::cp_async_wait_group(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
 
 __device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::ldmatrix(r, smem_addr(p));
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 __device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const void* p) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::ldmatrix_trans(r, smem_addr(p));
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 __device__ __forceinline__ void mma_f16(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::mma_m16n8k16_f16(c, a, b, c);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::mma_m16n8k16_bf16(c, a, b, c);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ void mma_tf32(float (&c)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef SPARSIFY_EMULATOR
+  sparsify_emu::mma_m16n8k8_tf32(c, a, b, c);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ u32 to_tf32(float v) {
+#ifdef SPARSIFY_EMULATOR
+  return sparsify_emu::cvt_rna_tf32(v);
+#else
   u32 r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
   return r;
+#endif
 }
 
 // ------------------------------------------------------------- tile loader
