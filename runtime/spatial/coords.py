@@ -11,8 +11,8 @@ scenes) or by binary search in the sorted keys.  No Python loop runs per point.
 A :class:`KernelMap` lists, for each kernel offset ``k``, the pairs
 ``(in_row, out_row)`` such that ``out_coord + offset_k == in_coord``: the
 gather / scatter indices of a sparse convolution.  Pairs are grouped by offset
-(``k_offsets`` gives each group's slice), indices are int32 (what the CUDA
-kernels read; the CPU executor reads the same tensors).
+(``k_offsets`` gives each group's slice); indices are int32 on CUDA (what the
+kernels read) and int64 on the CPU (:func:`index_dtype`).
 
 Kernel offsets follow MinkowskiEngine's ``HYPER_CUBE`` / ``HYPER_CROSS`` order:
 the first spatial axis varies fastest; an odd size ``k`` spans
@@ -43,6 +43,7 @@ __all__ = [
     "KernelMap",
     "build_kernel_map",
     "check_coordinates",
+    "index_dtype",
     "expand_region",
     "kernel_offsets",
     "kernel_volume",
@@ -56,6 +57,17 @@ REGION_TYPES = ("hypercube", "hypercross", "custom")
 _DENSE_MAX_CELLS = 1 << 26
 _DENSE_PER_POINT = 256
 _INT64_SAFE = 1 << 62
+
+
+def index_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of kernel-map indices on ``device``: int32 on CUDA (what the kernels read),
+    int64 on the CPU (torch's CPU ``index_add_`` is several times slower with int32).
+
+    Example:
+        >>> index_dtype(torch.device("cpu"))
+        torch.int64
+    """
+    return torch.int32 if device.type == "cuda" else torch.int64
 
 
 def check_coordinates(coords: torch.Tensor, where: str) -> None:
@@ -213,6 +225,16 @@ class CoordinateIndex:
         hit = (self.sorted_keys[pos] == keys) & inside
         return torch.where(hit, self.order[pos], torch.full_like(pos, -1))
 
+    def rows_of_inside_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Row of each key known to lie inside the padded box (-1 where absent); int32 or int64."""
+        if self.n == 0:
+            return torch.full_like(keys, -1)
+        if self.table is not None:
+            return self.table.index_select(0, keys)
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max(self.n - 1)
+        hit = self.sorted_keys.index_select(0, pos) == keys
+        return torch.where(hit, self.order.index_select(0, pos), torch.full_like(pos, -1))
+
     def lookup(self, q: torch.Tensor) -> torch.Tensor:
         """Row of each query coordinate (int64), -1 where absent."""
         keys, inside = self.encode(q)
@@ -326,7 +348,7 @@ def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Seque
 class KernelMap:
     """Gather / scatter pairs of a sparse convolution, grouped by kernel offset.
 
-    ``in_idx[p]`` / ``out_idx[p]`` (int32) for ``p`` in ``k_offsets[k] .. k_offsets[k + 1]``
+    ``in_idx[p]`` / ``out_idx[p]`` (:func:`index_dtype`) for ``p`` in ``k_offsets[k] .. k_offsets[k + 1]``
     are the pairs of offset ``k``.  ``identity_k`` is the offset whose pairs are exactly
     ``(i, i)`` for every row (the centre of a same-map odd kernel), or -1: executors
     run it as one dense product without gather or scatter."""
@@ -366,33 +388,36 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     """
     offsets = offsets.to(torch.int64)
     dev = out_map.coordinates.device
+    itype = index_dtype(dev)
     pad = offsets.abs().amax(0).tolist() if offsets.numel() else [0] * in_map.dimension
     index = in_map.index(pad)
     oc = out_map.coordinates.to(torch.int64)
     # Out points more than `pad` outside the input box have no neighbours; the
     # rest stay inside the padded box after any offset, so a key shift is exact.
-    near = ((oc >= index.lo + torch.tensor([0, *pad], device=dev)) &
-            (oc <= index.hi - torch.tensor([0, *pad], device=dev))).all(1)
-    rows_near = torch.nonzero(near).squeeze(1)
-    base = ((oc[rows_near] - index.lo) * index.mult).sum(1)
+    padv = torch.tensor([0, *pad], device=dev)
+    near = ((oc >= index.lo + padv) & (oc <= index.hi - padv)).all(1)
+    if bool(near.all()):
+        rows_near = torch.arange(oc.shape[0], dtype=itype, device=dev)
+        base = ((oc - index.lo) * index.mult).sum(1)
+    else:
+        rows_near = torch.nonzero(near).squeeze(1).to(itype)
+        base = ((oc.index_select(0, rows_near) - index.lo) * index.mult).sum(1)
     shifts = (offsets.to(dev) * index.mult[1:]).sum(1).tolist()
     ins, outs, bounds = [], [], [0]
     identity_k = -1
     same = in_map is out_map
-    inside = torch.ones_like(base, dtype=torch.bool)
     for k, shift in enumerate(shifts):
         if same and shift == 0:
-            n = len(in_map)
-            r = torch.arange(n, dtype=torch.int32, device=dev)
+            r = torch.arange(len(in_map), dtype=itype, device=dev)
             ins.append(r)
             outs.append(r)
             identity_k = k
         else:
-            rows = index.lookup_keys(base + shift, inside)
-            hit = rows >= 0
-            ins.append(rows[hit].to(torch.int32))
-            outs.append(rows_near[hit].to(torch.int32))
+            rows = index.rows_of_inside_keys(base + shift)
+            sel = torch.nonzero(rows >= 0).squeeze(1)
+            ins.append(rows.index_select(0, sel).to(itype))
+            outs.append(rows_near.index_select(0, sel))
         bounds.append(bounds[-1] + ins[-1].shape[0])
-    in_idx = torch.cat(ins) if ins else torch.zeros(0, dtype=torch.int32, device=dev)
-    out_idx = torch.cat(outs) if outs else torch.zeros(0, dtype=torch.int32, device=dev)
+    in_idx = torch.cat(ins) if ins else torch.zeros(0, dtype=itype, device=dev)
+    out_idx = torch.cat(outs) if outs else torch.zeros(0, dtype=itype, device=dev)
     return KernelMap(in_idx, out_idx, tuple(bounds), len(in_map), len(out_map), identity_k)

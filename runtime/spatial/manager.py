@@ -36,6 +36,7 @@ from .coords import (
     build_kernel_map,
     check_coordinates,
     expand_region,
+    index_dtype,
     kernel_offsets,
     stride_coordinates,
     unique_coordinates,
@@ -275,8 +276,9 @@ class CoordinateManager:
             parent = stride_coordinates(in_map.coordinates, out_map.tensor_stride)
             rows = out_map.index().lookup(parent)
             hit = rows >= 0
-            ii = torch.nonzero(hit).squeeze(1).to(torch.int32)
-            return KernelMap(ii, rows[hit].to(torch.int32), (0, int(ii.numel())), len(in_map), len(out_map))
+            itype = index_dtype(rows.device)
+            ii = torch.nonzero(hit).squeeze(1).to(itype)
+            return KernelMap(ii, rows[hit].to(itype), (0, int(ii.numel())), len(in_map), len(out_map))
         offsets = kernel_offsets(region_type, ks, dil, in_map.tensor_stride, region_offsets)
         return build_kernel_map(in_map, out_map, offsets)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..runtime.spatial import KernelMap
+from ..runtime.spatial.coords import index_dtype
 from .conv import KernelGenerator, output_key
 from .tensor import SparseTensor, TensorField
 
@@ -155,9 +156,10 @@ class MinkowskiGlobalPooling(nn.Module):
         else:
             out_key = manager.origin(batch=batch)
         origin = manager.get_coordinates(out_key)[:, 0]
-        rows = torch.searchsorted(origin.contiguous(), batch.contiguous()).to(torch.int32)
+        itype = index_dtype(batch.device)
+        rows = torch.searchsorted(origin.contiguous(), batch.contiguous()).to(itype)
         n = input.F.shape[0]
-        km = KernelMap(torch.arange(n, dtype=torch.int32, device=batch.device), rows, (0, n), n, origin.numel())
+        km = KernelMap(torch.arange(n, dtype=itype, device=batch.device), rows, (0, n), n, origin.numel())
         y = pool(input.F, km, _mode_name(self.pooling_mode))
         return SparseTensor(y, coordinate_map_key=out_key, coordinate_manager=manager)
 
