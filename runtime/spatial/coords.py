@@ -167,6 +167,7 @@ class CoordinateIndex:
     and still be encoded without wrapping; queries further out are misses."""
 
     lo: torch.Tensor  # int64 [1 + D], lowest encodable coordinate per column
+    step: torch.Tensor  # int64 [1 + D], the tensor stride (1 for the batch column): keys count cells
     hi: torch.Tensor  # int64 [1 + D], highest encodable coordinate per column
     mult: torch.Tensor  # int64 [1 + D], key = sum((c - lo) * mult)
     table: torch.Tensor | None  # int32 [cells] row or -1 (dense mode)
@@ -175,9 +176,12 @@ class CoordinateIndex:
     n: int
 
     @classmethod
-    def build(cls, coords: torch.Tensor, pad: Sequence[int]) -> CoordinateIndex:
+    def build(cls, coords: torch.Tensor, pad: Sequence[int], tensor_stride: Sequence[int] | None = None) -> CoordinateIndex:
         c = coords.to(torch.int64)
         n, cols = c.shape
+        ts = [max(int(t), 1) for t in (tensor_stride or [1] * (cols - 1))]
+        step = torch.tensor([1, *ts], dtype=torch.int64, device=c.device)
+        # pad is a multiple of the tensor stride (offsets are), so lo stays on the lattice
         padv = torch.tensor([0, *[2 * int(p) for p in pad]], dtype=torch.int64, device=c.device)
         if n:
             lo = c.amin(0) - padv
@@ -185,7 +189,7 @@ class CoordinateIndex:
         else:
             lo = torch.zeros(cols, dtype=torch.int64, device=c.device)
             hi = lo.clone()
-        ext = (hi - lo + 1).tolist()
+        ext = ((hi - lo) // step + 1).tolist()
         mult_l, acc = [], 1
         for e in reversed(ext):
             mult_l.append(acc)
@@ -196,21 +200,21 @@ class CoordinateIndex:
                 "64-bit keys; shift or quantize them into a smaller range."
             )
         mult = torch.tensor(list(reversed(mult_l)), dtype=torch.int64, device=c.device)
-        keys = ((c - lo) * mult).sum(1) if n else torch.zeros(0, dtype=torch.int64, device=c.device)
+        keys = (((c - lo) // step) * mult).sum(1) if n else torch.zeros(0, dtype=torch.int64, device=c.device)
         if n and acc <= _DENSE_MAX_CELLS and acc <= max(_DENSE_PER_POINT * n, 1 << 20):
             table = torch.full((acc,), -1, dtype=torch.int32, device=c.device)
             # Several rows with one key (unquantized input) keep the LAST row here;
             # maps are unique by construction, so this only matters for misuse.
             table[keys] = torch.arange(n, dtype=torch.int32, device=c.device)
-            return cls(lo, hi, mult, table, None, None, n)
+            return cls(lo, step, hi, mult, table, None, None, n)
         sorted_keys, order = torch.sort(keys)
-        return cls(lo, hi, mult, None, sorted_keys, order, n)
+        return cls(lo, step, hi, mult, None, sorted_keys, order, n)
 
     def encode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys, inside)`` for query coordinates ``[M, 1 + D]``."""
-        q = q.to(torch.int64)
-        inside = ((q >= self.lo) & (q <= self.hi)).all(1)
-        keys = ((q - self.lo) * self.mult).sum(1)
+        d = q.to(torch.int64) - self.lo
+        inside = ((d >= 0) & (q <= self.hi) & (d % self.step == 0)).all(1)
+        keys = ((d // self.step) * self.mult).sum(1)
         return keys, inside
 
     def lookup_keys(self, keys: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -272,7 +276,7 @@ class CoordinateMap:
         key = tuple(pad) if pad is not None else (0,) * self.dimension
         idx = self._indexes.get(key)
         if idx is None:
-            idx = CoordinateIndex.build(self.coordinates, key)
+            idx = CoordinateIndex.build(self.coordinates, key, self.tensor_stride)
             self._indexes[key] = idx
         return idx
 
@@ -395,14 +399,18 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     # Out points more than `pad` outside the input box have no neighbours; the
     # rest stay inside the padded box after any offset, so a key shift is exact.
     padv = torch.tensor([0, *pad], device=dev)
-    near = ((oc >= index.lo + padv) & (oc <= index.hi - padv)).all(1)
+    # Out points off the input's lattice (a tensor-stride multiple) have none either.
+    rel = oc - index.lo
+    near = ((oc >= index.lo + padv) & (oc <= index.hi - padv) & (rel % index.step == 0)).all(1)
     if bool(near.all()):
         rows_near = torch.arange(oc.shape[0], dtype=itype, device=dev)
-        base = ((oc - index.lo) * index.mult).sum(1)
+        base = ((rel // index.step) * index.mult).sum(1)
     else:
         rows_near = torch.nonzero(near).squeeze(1).to(itype)
-        base = ((oc.index_select(0, rows_near) - index.lo) * index.mult).sum(1)
-    shifts = (offsets.to(dev) * index.mult[1:]).sum(1).tolist()
+        base = ((rel.index_select(0, rows_near) // index.step) * index.mult).sum(1)
+    if bool((offsets.to(dev) % index.step[1:] != 0).any()):
+        raise ValueError("build_kernel_map: kernel offsets must be multiples of the input's tensor stride.")
+    shifts = ((offsets.to(dev) // index.step[1:]) * index.mult[1:]).sum(1).tolist()
     ins, outs, bounds = [], [], [0]
     identity_k = -1
     same = in_map is out_map
