@@ -11,6 +11,10 @@ from .ops import ACTIVATIONS, bsmm, bsmm_dw, bsmm_dx
 
 _register_cuda()  # a factory only: cuda-python is imported on first use of a CUDA tensor
 
+from .emulator.device import register as _register_emulator  # noqa: E402
+
+_register_emulator()  # SPARSIFY_EMULATE_CUDA=1: CPU tensors run the CUDA kernels on the CPU emulator
+
 __all__ = [
     "ACTIVATIONS",
     "BlockSparseLayout",

@@ -278,6 +278,9 @@ class _Recorder:
     def launch(self, spec, grid, args):
         self.calls.append((spec, grid, args))
 
+    def empty(self, *shape, dtype):  # the runtime allocates outputs and workspaces (KernelRuntime.empty)
+        return torch.empty(*shape, dtype=dtype)
+
 
 def _fake_executor():
     from sparsify.runtime.cuda.executor import CUDAExecutor

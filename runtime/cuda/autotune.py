@@ -9,7 +9,8 @@ not parse is ignored with a warning).
 
 ``SPARSIFY_AUTOTUNE=0`` skips timing and uses :func:`.kernels.heuristic`; so
 does a call made while a CUDA graph is being captured (timing would need a
-synchronization).
+synchronization), and so does a tuner made with ``timed=False`` (the CPU
+emulator's runtime, whose launches say nothing about GPU speed).
 
 Example:
     >>> m_bucket(1), m_bucket(7), m_bucket(1000), m_bucket(100000)
@@ -55,8 +56,10 @@ class Autotuner:
     ``timer(fn) -> milliseconds`` times one candidate (CUDA events by default)."""
 
     def __init__(self, device_name: str, path: Path | None = None,
-                 timer: Callable[[Callable[[], None]], float] | None = None) -> None:
+                 timer: Callable[[Callable[[], None]], float] | None = None, timed: bool = True) -> None:
         self.device_name = device_name
+        #: False where launches cannot be timed (the CPU emulator): always the heuristic choice
+        self.timed = timed
         self._timer = timer or _time
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", device_name).strip("_") or "device"
         self._path = path
@@ -108,7 +111,9 @@ class Autotuner:
         Candidates are objects with a ``name``; ``heuristic`` is the one used untimed."""
         if len(candidates) <= 1:
             return candidates[0] if candidates else heuristic
-        if not autotune_enabled() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if not self.timed or not autotune_enabled() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        ):
             return heuristic
         by_name = {c.name: c for c in candidates}
         known = self.lookup(key)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..executors.cpu import CPUExecutor
-from . import compiler, kernels
+from . import kernels
 from .autotune import Autotuner, autotune_enabled, m_bucket
 from .launcher import KernelRuntime, check_operand, i32, ptr, vec_ok
 
@@ -84,20 +84,14 @@ class CUDAExecutor:
 
     name = "cuda"
 
-    def __init__(self, device: torch.device) -> None:
-        device = torch.device(device)
-        if not torch.cuda.is_available():
-            raise compiler.CUDAUnavailableError("torch sees no CUDA device (no driver, or a CPU build of torch)")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
-        props = torch.cuda.get_device_properties(index)
-        self.device_name = props.name
-        self.sm_count = props.multi_processor_count
-        compiler.nvrtc_version()  # NVRTC loads
-        compiler.include_dirs()  # headers are there
-        self.arch, self.target = compiler.arch_for((props.major, props.minor))
-        self.runtime = KernelRuntime(index, self.arch, self.target)
-        self.tuner = Autotuner(self.device_name)
+    def __init__(self, device: torch.device, runtime: KernelRuntime | None = None) -> None:
+        # `runtime` is the seam below the executor: a GPU's KernelRuntime by default, or the CPU
+        # emulator's (sparsify.runtime.emulator), which runs the same kernels on CPU tensors.
+        self.runtime = runtime if runtime is not None else KernelRuntime.for_device(device)
+        self.device = self.runtime.device
+        self.device_name = self.runtime.device_name
+        self.sm_count = self.runtime.sm_count
+        self.tuner = Autotuner(self.device_name, timed=self.runtime.timed)
         self._cpu = CPUExecutor()
         self._warned: set[tuple] = set()
         #: op ("fwd" | "dx" | "dw") -> kernel name to run regardless of tuning (tests, benchmarks).
@@ -170,7 +164,7 @@ class CUDAExecutor:
         check_operand(op, "bias", bias, self.device, _FLOATS, (out_features,))
         check_operand(op, "residual", residual, self.device, _FLOATS, (m, out_features))
         self._check_meta(op, meta)
-        y = torch.empty(m, out_features, dtype=out_dtype, device=x.device)
+        y = self.runtime.empty(m, out_features, dtype=out_dtype)
         if m == 0:
             return y
         plan = _plan(meta)
@@ -193,7 +187,7 @@ class CUDAExecutor:
         check_operand(op, "dy", dy, self.device, (values.dtype,))
         check_operand(op, "values", values, self.device)
         self._check_meta(op, meta)
-        dx = torch.empty(m, in_features, dtype=dy.dtype, device=dy.device)
+        dx = self.runtime.empty(m, in_features, dtype=dy.dtype)
         if m == 0:
             return dx
         plan = _plan(meta)
@@ -220,7 +214,7 @@ class CUDAExecutor:
         splits = _cdiv(m, rows_per_split)
         ws = None
         if splits > 1:
-            ws = torch.empty(splits, nnz, spec.block, spec.block, dtype=torch.float32, device=x.device)
+            ws = self.runtime.empty(splits, nnz, spec.block, spec.block, dtype=torch.float32)
         flags = (_A_VEC if vec_ok(dy) else 0) | (_V_VEC if vec_ok(x) else 0)
         args = (
             ptr(dy), ptr(x), ptr(meta.row_indices), ptr(meta.col_indices), ptr(out), ptr(ws),
@@ -241,7 +235,7 @@ class CUDAExecutor:
         check_operand(op, "dy", dy, self.device, (x.dtype,))
         check_operand(op, "x", x, self.device, (x.dtype,), (m, k))
         self._check_meta(op, meta)
-        out = torch.empty(nnz, block_size, block_size, dtype=x.dtype, device=x.device)
+        out = self.runtime.empty(nnz, block_size, block_size, dtype=x.dtype)
         if nnz == 0:
             return out
         if m == 0:

@@ -26,7 +26,7 @@ import torch
 
 from . import compiler, kernels
 
-__all__ = ["KernelRuntime", "check_operand", "ptr", "i32", "vec_ok"]
+__all__ = ["KernelRuntime", "check_grid", "check_operand", "ptr", "i32", "vec_ok"]
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:
@@ -68,6 +68,15 @@ def check_operand(
         raise ValueError(f"{where}: expected a contiguous tensor. Got strides {t.stride()}; call .contiguous().")
 
 
+def check_grid(spec: kernels.KernelSpec, grid: tuple[int, int, int]) -> bool:
+    """Whether to launch at all (an empty grid is a no-op); raises for a grid CUDA refuses."""
+    if min(grid) <= 0:
+        return False
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"sparsify: launch grid {grid} of {spec.name} exceeds the CUDA limit of 65535 in y/z.")
+    return True
+
+
 class _TorchStream:
     """A torch stream seen through the ``__cuda_stream__`` protocol."""
 
@@ -81,12 +90,39 @@ class _TorchStream:
 
 
 class KernelRuntime:
-    """Compiled programs loaded on one device: ``kernel(spec)`` and ``launch(spec, grid, args)``."""
+    """Compiled programs loaded on one device: ``kernel(spec)`` and ``launch(spec, grid, args)``.
+
+    This is the seam below the executor: it also says which device the executor's tensors live
+    on (``device``, ``device_name``, ``sm_count``), allocates its outputs (``empty``) and whether
+    launches can be timed (``timed``).  The CPU emulator
+    (:class:`sparsify.runtime.emulator.EmulatedKernelRuntime`) implements the same interface."""
+
+    #: launches can be timed with CUDA events (the autotuner times candidates only then)
+    timed = True
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> KernelRuntime:
+        """The runtime of a CUDA device; raises CUDAUnavailableError when kernels cannot run there."""
+        device = torch.device(device)
+        if not torch.cuda.is_available():
+            raise compiler.CUDAUnavailableError("torch sees no CUDA device (no driver, or a CPU build of torch)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        compiler.nvrtc_version()  # NVRTC loads
+        compiler.include_dirs()  # headers are there
+        arch, target = compiler.arch_for((props.major, props.minor))
+        rt = cls(index, arch, target)
+        rt.device_name = props.name
+        rt.sm_count = props.multi_processor_count
+        return rt
 
     def __init__(self, index: int, arch: str, target: str) -> None:
         from cuda.core import Device, LaunchConfig, ObjectCode, launch
 
         self.index, self.arch, self.target = index, arch, target
+        self.device = torch.device("cuda", index)
+        self.device_name = f"cuda:{index}"
+        self.sm_count = 0
         self._Device, self._LaunchConfig, self._ObjectCode, self._launch = Device, LaunchConfig, ObjectCode, launch
         self._device = Device(index)
         self._kernels: dict[str, object] = {}
@@ -121,12 +157,14 @@ class KernelRuntime:
             self._kernels[spec.name] = k
         return k
 
+    def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized output or workspace on this device."""
+        return torch.empty(*shape, dtype=dtype, device=self.device)
+
     def launch(self, spec: kernels.KernelSpec, grid: tuple[int, int, int], args: tuple) -> None:
         """Launch ``spec`` on the current torch stream of this device."""
-        if min(grid) <= 0:
+        if not check_grid(spec, grid):
             return
-        if grid[1] > 65535 or grid[2] > 65535:
-            raise ValueError(f"sparsify: launch grid {grid} of {spec.name} exceeds the CUDA limit of 65535 in y/z.")
         kernel = self.kernel(spec)
         with torch.cuda.device(self.index):
             self._make_current()

@@ -1065,7 +1065,10 @@ extern "C" int sparsify_emu_launch(const sparsify_emu_module* mod, int kernel, c
     std::string what = "invalid memory access";
     if (f != nullptr) {
       const uintptr_t lo = reinterpret_cast<uintptr_t>(f->stack_lo);
-      if (a >= lo - kGuard && a < lo) what = fmt("stack overflow (the thread stack is %zu bytes)", g_pool.stack_bytes);
+      if (a >= lo - (uintptr_t(1) << 20) && a < lo) {
+        what = fmt("stack overflow (the thread stack is %zu bytes; Program.launch(stack_bytes=...) sets it)",
+                   g_pool.stack_bytes);
+      }
     }
     L.error = (f ? thread_name(L, *f) : fmt("kernel %s", L.kern->name)) +
               fmt(": %s at address %p (signal %d)%s", what.c_str(), reinterpret_cast<void*>(a), int(g_fault_sig),
