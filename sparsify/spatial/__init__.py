@@ -34,6 +34,7 @@ from .conv import (
     MinkowskiGenerativeConvolutionTranspose,
     RegionType,
 )
+from .convert import from_dense
 from .network import MinkowskiNetwork, is_cuda_available
 from .nonlinearity import *  # noqa: F401,F403  (Minkowski<activation> for every torch.nn activation)
 from .nonlinearity import __all__ as _nonlinearity_all
@@ -99,7 +100,7 @@ __all__ = [
     "MinkowskiStackVar", "MinkowskiSumPooling", "MinkowskiSyncBatchNorm", "MinkowskiToDenseTensor",
     "MinkowskiToFeature", "MinkowskiToSparseTensor", "MinkowskiUnion", "PoolingMode", "RegionType",
     "SparseTensor", "SparseTensorOperationMode", "SparseTensorQuantizationMode", "TensorField", "cat",
-    "clear_global_coordinate_manager", "dense_coordinates", "global_coordinate_manager", "is_cuda_available",
+    "clear_global_coordinate_manager", "dense_coordinates", "from_dense", "global_coordinate_manager", "is_cuda_available",
     "mean", "modules", "set_global_coordinate_manager", "set_sparse_tensor_operation_mode",
     "sparse_tensor_operation_mode", "sum", "to_sparse", "to_sparse_all", "utils", "var",
 ] + list(_nonlinearity_all)
