@@ -358,7 +358,7 @@ def allocate_ranks(module: nn.Module, ctx: PassContext) -> PassResult:
     todo = [d for d in plan.decisions if d.method in FACTORIZED_METHODS and not _passes_through(d)]
     if not todo:
         return PassResult(module, False)
-    sites = {_key(s): s for s in find_sites(module, ctx.traced)}
+    sites = {_key(s): s for s in find_sites(module, ctx)}
     fixed, pooled = [], {}
     for d in todo:
         p = d.params

@@ -22,7 +22,6 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
     layout = magnitude_layout(w, density=params["density"], block_size=params["block_size"])
     bias = None if site.bias is None else site.bias.detach()
     new = BlockSparseLinear.from_weight(w, bias, layout)
-    new.train(site.module.training if site.module is not None else True)
     return new, {"density": layout.density, "block_size": layout.block_size, "nnz_blocks": layout.nnz}
 
 

@@ -16,7 +16,6 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
     bias = None if site.bias is None else site.bias.detach()
     new = LowRankLinear.from_weight(site.weight.detach(), bias, rank=params.get("rank"),
                                     tolerance=params.get("tolerance"))
-    new.train(site.module.training if site.module is not None else True)
     return new, {"rank": new.rank, "relative_error": new.truncation_error}
 
 

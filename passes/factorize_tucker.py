@@ -21,7 +21,6 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
         raise RuntimeError(f"{site.name}: no ranks in its decision; allocate_ranks must run before factorize_tucker")
     new = build("tucker", as_layer(site), params["ranks"], forward=params.get("forward", "factorized"),
                 batch_hint=params.get("batch_hint", 256))
-    new.train(site.module.training if site.module is not None else True)
     return new, {"rank": new.ranks, "relative_error": new.relative_error, "forward": new.forward_mode}
 
 

@@ -26,8 +26,10 @@ TT_ORDER = 3
 
 
 def as_layer(site: LayerSite) -> nn.Module:
-    """The site's layer module; an ``F.linear`` site gets an ``nn.Linear`` view of its weight."""
-    if site.module is not None:
+    """The site's layer module; other sites (functional, HF ``Conv1D``, attention
+    projections) get an ``nn.Linear`` view of their ``[out, in]`` weight."""
+    if site.module is not None and isinstance(site.module, (nn.Linear, nn.Conv1d, nn.Conv2d)) \
+            and not site.transposed and site.bias is site.module.bias:
         return site.module
     out_f, in_f = site.weight.shape
     lin = nn.Linear(in_f, out_f, bias=site.bias is not None, device="meta")

@@ -5,7 +5,10 @@ modules are never changed.  Only a BatchNorm that is in eval mode, follows a
 layer whose output nothing else reads, and has running statistics is folded;
 after a Linear, only when the example inputs show a 2-D output (BatchNorm1d
 normalizes dim 1).
-Needs a graph; in the module-tree fallback it does nothing.
+Needs an fx graph: the graph being rewritten (``graph=True``), or the fx analysis
+graph of the user's model, where the folded layer replaces the Linear / Conv and
+an ``nn.Identity`` the BatchNorm.  With a torch.export analysis or none it does
+nothing.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ _PAIRS = (
 )
 
 
+def _analysis_graph(module: nn.Module, ctx: PassContext) -> fx.GraphModule | None:
+    cap = ctx.capture
+    if isinstance(module, fx.GraphModule) and (cap is None or cap.graph_mode):
+        return module
+    return None if cap is None else cap.graph
+
+
 def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
-    if not isinstance(module, fx.GraphModule) or not getattr(ctx.config, "fold_batchnorm", True):
+    gm = _analysis_graph(module, ctx)
+    if gm is None or not getattr(ctx.config, "fold_batchnorm", True):
         return PassResult(module, False)
-    gm = module
     modified = False
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -38,11 +48,11 @@ def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not node.args:
             continue
-        bn = gm.get_submodule(node.target)
+        bn = module.get_submodule(node.target)
         prev = node.args[0]
         if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
             continue
-        layer = gm.get_submodule(prev.target)
+        layer = module.get_submodule(prev.target)
         if not any(isinstance(layer, lt) and type(bn) is bt for lt, bt in _PAIRS):
             continue
         if bn.training or not bn.track_running_stats or bn.running_mean is None:
@@ -50,6 +60,12 @@ def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
         # A layer or BatchNorm reused elsewhere cannot absorb this one's statistics.
         if calls.get(prev.target, 0) != 1 or calls.get(node.target, 0) != 1:
             continue
+        if gm is not module:
+            # In the user's model only a layer that is rewritten absorbs its BatchNorm:
+            # folding changes what training the model later does, so it must buy something.
+            d = ctx.plan.get(prev.target) if ctx.plan is not None else None
+            if d is None or not d.rewrites:
+                continue
         if isinstance(layer, nn.Linear):
             # BatchNorm1d normalizes dim 1, which is the Linear's feature dim only for 2-D outputs.
             shapes = ctx.shapes.get(prev.target)
@@ -60,9 +76,11 @@ def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
             if layer.training:
                 continue
             fused = fuse_conv_bn_eval(layer, bn)
-        set_submodule(gm, prev.target, fused)
+        set_submodule(module, prev.target, fused)
+        if gm is not module:  # the user's model keeps its BatchNorm attribute, as an identity
+            set_submodule(module, node.target, nn.Identity())
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
         ctx.notes.append(f"folded BatchNorm {node.target!r} into {prev.target!r}")
         modified = True
-    return PassResult(gm, modified)
+    return PassResult(module, modified and gm is module)

@@ -4,7 +4,12 @@
 ``linear(x) + r`` (or ``act(linear(x)) + r``) passes ``r`` as the op's
 residual, when the example inputs show ``r`` has the output's shape and dtype.
 Only a layer called at a single site, whose output nothing else reads, is
-fused.  Needs a graph; in the module-tree fallback it does nothing.
+fused.  In graph mode (``graph=True``) both fusions are graph surgery.  On the
+user's model only an activation *module* called once, right after the layer,
+is fused (the layer takes the activation, the activation module becomes
+``nn.Identity``); a residual add or a functional activation lives in the
+model's code and stays there.  Needs an fx graph (the one rewritten, or the fx
+analysis graph); otherwise it does nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.block_sparse import BlockSparseLinear
-from .infra import PassContext, PassResult
+from .infra import PassContext, PassResult, set_submodule
 
 __all__ = ["fuse_epilogues"]
 
@@ -52,8 +57,39 @@ def _meta(node) -> object | None:
 
 
 def fuse_epilogues(module: nn.Module, ctx: PassContext) -> PassResult:
-    if not isinstance(module, fx.GraphModule) or not getattr(ctx.config, "fuse_epilogues", True):
+    if not getattr(ctx.config, "fuse_epilogues", True):
         return PassResult(module, False)
+    cap = ctx.capture
+    if isinstance(module, fx.GraphModule) and (cap is None or cap.graph_mode):
+        return _fuse_in_graph(module, ctx)
+    if cap is None or cap.graph is None:
+        return PassResult(module, False)
+    gm = cap.graph
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or calls.get(node.target) != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        layer = module.get_submodule(node.target)
+        if not isinstance(layer, BlockSparseLinear) or layer.activation != "none" or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op != "call_module" or calls.get(user.target) != 1:
+            continue
+        act = _activation_of(module, user)
+        if act is None:
+            continue
+        layer.activation = act
+        set_submodule(module, user.target, nn.Identity())
+        user.replace_all_uses_with(node)
+        gm.graph.erase_node(user)
+        ctx.notes.append(f"fused {act} into {node.target!r} (the model's {user.target!r} is now an identity)")
+    return PassResult(module, False)
+
+
+def _fuse_in_graph(module: fx.GraphModule, ctx: PassContext) -> PassResult:
     gm = module
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:

@@ -42,6 +42,12 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     #: ``site key -> (input shape, output shape)`` from the example inputs (see annotate_shapes).
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    #: The analysis graph (``capture.Capture``); None for callers that build a context by hand.
+    capture: Any = None
+    #: Keyword example inputs (Hugging Face style), beside the positional ``example_inputs``.
+    example_kwargs: dict | None = None
+    #: ``module qualname -> number of calls`` in the example run (module mode).
+    calls: dict[str, int] = field(default_factory=dict)
 
 
 Pass = Callable[[nn.Module, PassContext], PassResult]

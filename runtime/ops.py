@@ -81,7 +81,24 @@ def bsmm(
     meta = [row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids]
     y = _forward(x, values, meta, bias, residual, out_features, in_features, activation, out_dtype, static_weight)
     # Executors may return any strides; the op's output is contiguous, as its fake says.
-    return y.contiguous()
+    return _owned(y)
+
+
+def _owned(y: Tensor) -> Tensor:
+    """``y`` as a contiguous tensor that is not a view.
+
+    Autograd forbids in-place ops on a view returned by a custom op (``ReLU(inplace=True)``
+    after a layer would raise), and the executors' results are reshaped views of
+    their 2-D outputs.  A contiguous view is re-wrapped around the same storage
+    (no copy); anything else is copied by ``contiguous()``.
+    """
+    if not y.is_contiguous():
+        return y.contiguous()
+    if y._base is None:
+        return y
+    out = y.new_empty(0)
+    out.set_(y.untyped_storage(), y.storage_offset(), y.shape, y.stride())
+    return out
 
 
 def bsmm_eager(
@@ -153,7 +170,7 @@ def bsmm_dx(
     lead = dy.shape[:-1]
     meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
     dx = executor_for(dy.device).grad_input(dy.reshape(-1, out_features).contiguous(), values, meta, in_features)
-    return dx.reshape(*lead, in_features)
+    return _owned(dx.reshape(*lead, in_features))
 
 
 @bsmm_dx.register_fake
@@ -177,7 +194,7 @@ def bsmm_dw(
     meta = _meta(row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids)
     dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    return executor_for(dy.device).grad_weight(dy2, x2, meta, block_size)
+    return _owned(executor_for(dy.device).grad_weight(dy2, x2, meta, block_size))
 
 
 @bsmm_dw.register_fake

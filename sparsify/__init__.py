@@ -12,7 +12,7 @@ from . import runtime  # noqa: F401  (registers torch.ops.sparsify.*)
 from .api import densify, report, sparsify
 from .config import Rule, SparsifyConfig
 from .decision import Decision, Plan
-from .errors import InputError
+from .errors import ConversionCheckError, InputError
 from .io import load, save
 from .methods import METHODS
 from .modules import (
@@ -34,6 +34,7 @@ __all__ = [
     "BlockSparseLinear",
     "CPConv",
     "CPLinear",
+    "ConversionCheckError",
     "Decision",
     "InputError",
     "LowRankLinear",

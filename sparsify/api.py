@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import SparsifyConfig
 from .decision import Decision, Plan
+from .check import check_converted
 from .passes import PIPELINE, PassContext, capture, run_passes
 from .passes.costs import param_count
 from .plan import plan_model
@@ -23,16 +24,19 @@ __all__ = ["sparsify", "densify", "report", "PLAN_ATTR"]
 PLAN_ATTR = "_sparsify_plan"
 
 
-def _check_example_inputs(example_inputs: Any) -> tuple | None:
+def _check_example_inputs(example_inputs: Any) -> tuple[tuple | None, dict | None]:
+    """``(positional inputs, keyword inputs)`` from a tensor, a tuple / list or a dict."""
     if example_inputs is None:
-        return None
+        return None, None
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return (example_inputs,), None
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
+        return tuple(example_inputs), None
+    if isinstance(example_inputs, dict) and all(isinstance(k, str) for k in example_inputs):
+        return (), dict(example_inputs)
     raise ValueError(
-        f"sparsify(example_inputs=...): expected a tensor or a tuple of the model's positional inputs. "
-        f"Got {type(example_inputs).__name__}."
+        f"sparsify(example_inputs=...): expected a tensor, a tuple of the model's positional inputs, or a "
+        f"dict of its keyword inputs (as Hugging Face models take them). Got {type(example_inputs).__name__}."
     )
 
 
@@ -43,33 +47,55 @@ def sparsify(
     example_inputs: Any = None,
     inplace: bool = False,
     progress: Callable[[str], None] | None = None,
+    graph: bool = False,
+    check: bool | None = None,
     **shorthand: Any,
 ) -> nn.Module:
     """Rewrite ``model``'s dense layers as the config says; return the converted model.
 
-    Keyword arguments other than the ones named are shorthand for a
-    :class:`SparsifyConfig` (``method=``, ``density=``, ``block_size=``,
-    ``rank=``, ``tolerance=``, ``rules=``, ...).  The input model is never
-    changed unless ``inplace=True``.  ``example_inputs`` enable FLOP counts,
-    BatchNorm folding after Linear layers and residual fusion.
+    The result is the user's model: an instance of the same class with the same
+    attributes and methods (a copy, or ``model`` itself with ``inplace=True``),
+    with rewritten layers in its module tree where the dense ones were.  Code that
+    reads a rewritten layer's ``.weight`` keeps working (see
+    ``sparsify.modules.weight_view``).  Keyword arguments other than the ones named
+    are shorthand for a :class:`SparsifyConfig` (``method=``, ``density=``,
+    ``block_size=``, ``rank=``, ``tolerance=``, ``rules=``, ...).
+
+    ``example_inputs`` (a tensor, a tuple of positional inputs, or a dict of keyword
+    inputs) give shapes and FLOPs, let torch.export analyze a model that torch.fx
+    cannot trace, and, with ``check`` (default: on when inputs are given), run the
+    converted model once against its dense reference: a crash or a mismatch raises
+    an error naming the layer.  ``graph=True`` returns the rewritten
+    ``torch.fx.GraphModule`` instead of the user's class, for fusions that need
+    graph surgery (a residual add into the block-sparse op); it needs a model that
+    torch.fx can trace, and loses the model's class and methods.
 
     Example:
         >>> import torch, sparsify
         >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU())
         >>> sparse = sparsify.sparsify(model, method="block_sparse", density=0.25, block_size=32)
-        >>> sparse(torch.randn(4, 512)).shape
-        torch.Size([4, 512])
+        >>> type(sparse).__name__, sparse(torch.randn(4, 512)).shape
+        ('Sequential', torch.Size([4, 512]))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: expected an nn.Module. Got {type(model).__name__}.")
     cfg = SparsifyConfig.coerce(config, shorthand)  # raises before anything is touched
-    inputs = _check_example_inputs(example_inputs)
+    if not isinstance(graph, bool) or not (check is None or isinstance(check, bool)):
+        raise ValueError("sparsify(graph=..., check=...): expected True or False.")
+    args, kwargs = _check_example_inputs(example_inputs)
+    if graph and kwargs:
+        raise ValueError("sparsify(graph=True): the fx graph takes positional inputs; give example_inputs "
+                         "as a tuple, not a dict.")
     work = model if inplace else copy.deepcopy(model)
-    gm, traced, note = capture(work)
-    ctx = PassContext(config=cfg, example_inputs=inputs, traced=traced, capture_note=note,
-                      planner=plan_model, progress=progress)
-    out = run_passes(gm, ctx, PIPELINE)
+    cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
+    ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
+                      capture_note=cap.note, planner=plan_model, progress=progress, capture=cap)
+    out = run_passes(cap.module, ctx, PIPELINE)
     setattr(out, PLAN_ATTR, ctx.plan)
+    if check if check is not None else (args is not None or bool(kwargs)):
+        if args is None and not kwargs:
+            raise ValueError("sparsify(check=True): checking the converted model needs example_inputs=.")
+        check_converted(out, args or (), kwargs or {})
     return out
 
 
@@ -82,14 +108,16 @@ def densify(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every rewritten layer replaced by its exact dense equivalent.
 
     ``densify(sparsify(m))`` computes what ``m`` computes with each layer's
-    mask or reconstruction applied.
+    mask or reconstruction applied, and is of ``m``'s class.
 
     Example:
         >>> import torch, sparsify
         >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(256, 256)), density=0.5)
-        >>> type(sparsify.densify(m).get_submodule("0")).__name__
+        >>> type(sparsify.densify(m)[0]).__name__
         'Linear'
     """
+    from .modules.functional import functional_weights, restore_parameter
+
     out = copy.deepcopy(module)
     if isinstance(out, fx.GraphModule):
         graph = out.graph
@@ -110,11 +138,20 @@ def densify(module: nn.Module) -> nn.Module:
         graph.lint()
         out.recompile()
     else:
+        for owner in list(out.modules()):
+            for attr, layer_attr in functional_weights(owner).items():
+                layer = owner._modules[layer_attr]
+                w = layer.to_dense()
+                restore_parameter(owner, attr, w.t() if layer.weight_transposed else w)
+        replaced: list[str] = []
         for name, m in list(out.named_modules()):
-            new = _dense_replacement(m) if name else None
+            if not name or any(name.startswith(r + ".") for r in replaced):
+                continue  # inside a module already replaced as a whole
+            new = _dense_replacement(m)
             if new is not None:
                 parent, _, attr = name.rpartition(".")
                 setattr(out.get_submodule(parent) if parent else out, attr, new)
+                replaced.append(name)
     if PLAN_ATTR in out.__dict__:
         del out.__dict__[PLAN_ATTR]
     return out
@@ -135,7 +172,7 @@ def report(module: nn.Module) -> Report:
     # A model without its plan (loaded, or built by hand): describe its rewritten layers.
     rows = []
     for name, m in module.named_modules():
-        if hasattr(m, "to_dense_module") and name:
+        if hasattr(m, "to_dense_module") and hasattr(m, "to_dense") and name:
             w = m.to_dense()
             d = Decision(name=name, layer_type=type(m).__name__, weight_shape=tuple(w.shape),
                          method=getattr(m, "method_name", type(m).__name__), reason="found in the model",

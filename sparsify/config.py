@@ -88,10 +88,13 @@ class Rule:
     def __repr__(self) -> str:
         return f"Rule({self.describe()})"
 
-    def matches(self, name: str, layer_type: str) -> bool:
+    def matches(self, name: str, layer_type: str | tuple[str, ...]) -> bool:
+        """Whether the rule applies to a layer; ``layer_type`` may be several names
+        (a Hugging Face ``Conv1D`` is also a ``"Linear"``)."""
         if self.pattern is not None and not fnmatch.fnmatchcase(name, self.pattern):
             return False
-        if self.types and layer_type not in self.types:
+        types = (layer_type,) if isinstance(layer_type, str) else tuple(layer_type)
+        if self.types and not set(types) & set(self.types):
             return False
         return True
 
@@ -183,7 +186,7 @@ class SparsifyConfig:
             out = spec.resolve(out)
         return out
 
-    def choose(self, name: str, layer_type: str) -> tuple[str, dict[str, Any], Rule | None]:
+    def choose(self, name: str, layer_type: str | tuple[str, ...]) -> tuple[str, dict[str, Any], Rule | None]:
         """``(method, params, rule)`` for a layer: the first matching rule, else the default."""
         for r in self.rules:
             if r.matches(name, layer_type):

@@ -30,6 +30,7 @@ class Decision:
     bytes_before: int = 0             # weight + bias bytes of the dense layer
     bytes_after: int | None = None    # of the rewritten layer: parameters and index buffers
     result: dict[str, Any] = field(default_factory=dict)
+    site: bool = True                 # False: a weight no method takes, listed so nothing is silently absent
 
     @property
     def rewrites(self) -> bool:

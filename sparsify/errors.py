@@ -8,7 +8,7 @@ It subclasses ``ValueError`` so callers that catch the core's input errors
 
 from __future__ import annotations
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "ConversionCheckError"]
 
 
 class InputError(ValueError):
@@ -19,4 +19,14 @@ class InputError(ValueError):
         Traceback (most recent call last):
         ...
         sparsify.errors.InputError: cfg.toml: unknown key 'densty'. Known keys: density, method, rules
+    """
+
+
+class ConversionCheckError(RuntimeError):
+    """The converted model crashed or did not match its dense reference on the example
+    inputs (``sparsify(check=True)``); the message names the layer.
+
+    Example:
+        >>> issubclass(ConversionCheckError, RuntimeError)
+        True
     """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch.fx as fx
 from torch import nn
 
 from .decision import Decision, Plan
@@ -21,64 +20,99 @@ from .passes.sites import find_sites, param_owners
 __all__ = ["plan_model"]
 
 
-def _getattr_users(gm: nn.Module) -> Counter:
-    """How many graph uses each get_attr target has."""
-    uses: Counter = Counter()
-    if isinstance(gm, fx.GraphModule):
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                uses[node.target] += len(node.users)
-    return uses
+def _site_decision(site, config, owners, tie_counts, used_rules) -> Decision:
+    w = site.weight
+    bias_n = site.bias.numel() if site.bias is not None else 0
+    d = Decision(
+        name=site.name,
+        layer_type=site.display_type,
+        weight_shape=tuple(w.shape),
+        method="dense",
+        node=site.nodes[0].name if site.functional else None,
+        params_before=w.numel() + bias_n,
+        bytes_before=w.numel() * w.element_size() + (bias_n * site.bias.element_size() if bias_n else 0),
+    )
+    d.params_after, d.bytes_after = d.params_before, d.bytes_before
+    where = f" ({site.detail})" if site.detail else ""
+    method, params, rule = config.choose(site.name, site.rule_types)
+    if rule is not None:
+        used_rules.add(id(rule))
+        d.rule = repr(rule)
+    tied = [n for n in owners.get(id(site.param), []) if n != site.param_name]
+    if method == "dense":
+        d.reason = f"skipped by {rule!r}"
+    elif site.method_type not in METHODS[method].layer_types:
+        d.reason = (f"method {method!r} does not apply to {site.display_type} layers "
+                    f"(it rewrites {', '.join(METHODS[method].layer_types)})")
+    elif w.numel() < config.min_size:
+        d.reason = (f"weight has {w.numel()} elements, fewer than min_size={config.min_size} "
+                    "(a 128x128 Linear); too small to gain")
+    elif tied or tie_counts[site.tie_key] > 1:
+        d.reason = (f"weight is shared with {', '.join(tied) or 'another call site'} (tied); "
+                    "left dense so the tie survives")
+    elif site.functional and site.other_uses > 0:
+        d.reason = "the weight is also used outside this linear call; left dense"
+    elif site.functional and site.bias_name is not None and len(owners.get(id(site.bias), [])) > 1:
+        d.reason = "the bias is shared with another layer; left dense"
+    else:
+        d.method = method
+        d.params = params
+        src = f"rule {rule!r}" if rule is not None else "the default method"
+        d.reason = f"{method} by {src}{where}"
+    if not d.rewrites and where and "skipped" not in d.reason:
+        d.reason += where
+    return d
+
+
+#: Why a 2-D / conv weight that no method takes stays dense, by the owning module's type.
+_NOT_TAKEN = {
+    "Embedding": "an embedding table (a lookup, not a product): no method rewrites embeddings",
+    "EmbeddingBag": "an embedding table (a lookup, not a product): no method rewrites embeddings",
+    "LSTM": "a recurrent layer's weights: no method rewrites nn.LSTM yet",
+    "GRU": "a recurrent layer's weights: no method rewrites nn.GRU yet",
+    "RNN": "a recurrent layer's weights: no method rewrites nn.RNN yet",
+    "Conv3d": "a Conv3d kernel: no method rewrites Conv3d yet",
+    "ConvTranspose1d": "a transposed-conv kernel: no method rewrites transposed convolutions yet",
+    "ConvTranspose2d": "a transposed-conv kernel: no method rewrites transposed convolutions yet",
+    "ConvTranspose3d": "a transposed-conv kernel: no method rewrites transposed convolutions yet",
+}
+
+
+def _other_weights(module: nn.Module, sites, traced: bool, how: str) -> list[Decision]:
+    """A dense row for every 2-D or conv weight that is not a site, with the reason."""
+    covered = {id(s.param) for s in sites}
+    rows = []
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() < 2 or id(p) in covered or id(p) in seen or hasattr(m, "to_dense_module"):
+                continue
+            seen.add(id(p))
+            name = f"{mname}.{pname}" if mname else pname
+            kind = type(m).__name__
+            why = _NOT_TAKEN.get(kind)
+            if why is None:
+                if traced:
+                    why = (f"a {p.dim()}-D parameter of {kind} that the {how} graph never uses as a linear "
+                           "weight (F.linear, x @ W.T, addmm); no method takes it")
+                else:
+                    why = (f"a {p.dim()}-D parameter of {kind}, used in forward code that sparsify could not "
+                           "see (no graph: the model could not be traced or exported; pass example_inputs=)")
+            n = p.numel()
+            d = Decision(name=name, layer_type=kind, weight_shape=tuple(p.shape), method="dense", reason=why,
+                         params_before=n, params_after=n, bytes_before=n * p.element_size(),
+                         bytes_after=n * p.element_size(), site=False)
+            rows.append(d)
+    return rows
 
 
 def plan_model(module: nn.Module, ctx: PassContext) -> Plan:
     config = ctx.config
-    sites = find_sites(module, ctx.traced)
+    sites = find_sites(module, ctx)
     owners = param_owners(module)
-    site_weights = Counter(id(s.weight) for s in sites)
-    attr_uses = _getattr_users(module)
+    tie_counts = Counter(s.tie_key for s in sites)
     used_rules: set[int] = set()
-    decisions: list[Decision] = []
-    for site in sites:
-        w = site.weight
-        d = Decision(
-            name=site.name,
-            layer_type=site.display_type,
-            weight_shape=tuple(w.shape),
-            method="dense",
-            node=site.nodes[0].name if site.functional else None,
-            params_before=w.numel() + (site.bias.numel() if site.bias is not None else 0),
-            bytes_before=w.numel() * w.element_size()
-            + (site.bias.numel() * site.bias.element_size() if site.bias is not None else 0),
-        )
-        d.params_after, d.bytes_after = d.params_before, d.bytes_before
-        decisions.append(d)
-
-        method, params, rule = config.choose(site.name, site.layer_type)
-        if rule is not None:
-            used_rules.add(id(rule))
-            d.rule = repr(rule)
-        tied = [n for n in owners.get(id(w), []) if n != f"{site.name}.weight" and n != site.name]
-        if method == "dense":
-            d.reason = f"skipped by {rule!r}"
-        elif site.layer_type not in METHODS[method].layer_types:
-            d.reason = (f"method {method!r} does not apply to {site.layer_type} layers "
-                        f"(it rewrites {', '.join(METHODS[method].layer_types)})")
-        elif w.numel() < config.min_size:
-            d.reason = (f"weight has {w.numel()} elements, fewer than min_size={config.min_size} "
-                        "(a 128x128 Linear); too small to gain")
-        elif tied or site_weights[id(w)] > 1:
-            d.reason = (f"weight is shared with {', '.join(tied) or 'another call site'} (tied); "
-                        "left dense so the tie survives")
-        elif site.functional and attr_uses[site.name] > 1:
-            d.reason = "the weight is also used outside this F.linear call; left dense"
-        elif site.functional and site.bias_name is not None and len(owners.get(id(site.bias), [])) > 1:
-            d.reason = "the bias is shared with another layer; left dense"
-        else:
-            d.method = method
-            d.params = params
-            src = f"rule {rule!r}" if rule is not None else "the default method"
-            d.reason = f"{method} by {src}"
+    decisions = [_site_decision(site, config, owners, tie_counts, used_rules) for site in sites]
     if config.strict:
         for r in config.rules:
             if id(r) not in used_rules:
@@ -87,4 +121,7 @@ def plan_model(module: nn.Module, ctx: PassContext) -> Plan:
                     f"SparsifyConfig(strict=True): {r!r} matches no layer. "
                     f"Candidate layers: {names or 'none'}. Fix the pattern or type, or drop the rule."
                 )
+    cap = getattr(ctx, "capture", None)
+    how = cap.how if cap is not None else ("torch.fx" if ctx.traced else "module tree")
+    decisions += _other_weights(module, sites, ctx.traced, how)
     return Plan(decisions, traced=ctx.traced, capture_note=ctx.capture_note, notes=ctx.notes)

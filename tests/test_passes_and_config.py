@@ -65,7 +65,7 @@ def test_batchnorm_folds_and_epilogues_fuse():
         assert rel_err(converted(x), model(x)) < 1e-5
 
 
-def test_residual_add_fuses_and_densify_restores_it():
+def test_residual_add_fuses_in_graph_mode_and_densify_restores_it():
     class Res(nn.Module):
         def __init__(self):
             super().__init__()
@@ -76,10 +76,28 @@ def test_residual_add_fuses_and_densify_restores_it():
 
     model = Res().eval()
     x = torch.randn(3, 256)
-    converted = sparsify.sparsify(model, density=0.5, example_inputs=(x,))
+    converted = sparsify.sparsify(model, density=0.5, example_inputs=(x,), graph=True)
     assert "add" not in converted.code and converted.fc.activation == "gelu"
     with torch.no_grad():
         assert rel_err(converted(x), sparsify.densify(converted)(x)) < 1e-5
+    # On the user's model the add and the functional gelu stay in its code: nothing fused.
+    kept = sparsify.sparsify(model, density=0.5, example_inputs=(x,))
+    assert type(kept) is Res and kept.fc.activation == "none"
+    with torch.no_grad():
+        assert rel_err(kept(x), converted(x)) < 1e-5
+
+
+def test_graph_mode_needs_a_traceable_model():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    with pytest.raises(ValueError, match="graph=True.*cannot trace Branchy"):
+        sparsify.sparsify(Branchy(), density=0.5, graph=True)
 
 
 def test_too_small_layers_stay_dense_with_the_reason_and_min_size_changes_that():

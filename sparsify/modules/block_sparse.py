@@ -9,6 +9,7 @@ from torch import nn
 
 from ..runtime import ACTIVATIONS, BlockSparseLayout
 from ..runtime.ops import META_NAMES, bsmm_eager, eager_inference
+from .weight_view import LinearLike
 
 __all__ = ["BlockSparseLinear", "ACTIVATION_MODULES"]
 
@@ -22,7 +23,7 @@ def activation_module(name: str) -> nn.Module:
     return ACTIVATION_MODULES[name]()
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(LinearLike, nn.Module):
     """``y = act(x @ W.T + bias)`` with ``W`` stored as ``[nnz, b, b]`` nonzero blocks.
 
     The pattern lives in ``row_offsets`` / ``col_indices`` (persistent buffers,
@@ -153,30 +154,42 @@ class BlockSparseLinear(nn.Module):
         tokens = math.prod(input_shape[:-1])
         return 2 * tokens * self.values.numel()
 
-    def to_dense_module(self) -> nn.Module:
-        """A plain ``nn.Linear`` with the masked weight (followed by the activation if one is fused)."""
+    def _dense_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
+        return lin
+
+    def to_dense_module(self) -> nn.Module:
+        """A plain ``nn.Linear`` (HF ``Conv1D`` for a Conv1D source) with the masked weight,
+        followed by the activation if one is fused."""
+        dense = super().to_dense_module()
         if self.activation == "none":
-            return lin
-        return nn.Sequential(lin, activation_module(self.activation))
+            return dense
+        return nn.Sequential(dense, activation_module(self.activation))
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(x, self.bias, residual, self.activation)
+
+    def weight_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` alone: no bias, activation or residual (what ``F.linear(x, self.weight)`` computes)."""
+        return self._run(x, None, None, "none")
+
+    def _run(self, x, bias, residual, activation) -> torch.Tensor:
         meta = [getattr(self, n) for n in META_NAMES]
         if eager_inference(x):
-            return bsmm_eager(x, self.values, meta, self.bias, residual, self.out_features,
-                              self.in_features, self.activation, not self.training)
+            return bsmm_eager(x, self.values, meta, bias, residual, self.out_features,
+                              self.in_features, activation, not self.training)
         # Inside the op grad mode always reads False, so the module says whether the
         # weight is static: eval mode and grad off (writes through .data bypass versions).
         static = not self.training and not torch.is_grad_enabled()
         return torch.ops.sparsify.bsmm(
-            x, self.values, *meta, self.bias, residual, self.out_features, self.in_features,
-            self.activation, None, static,
+            x, self.values, *meta, bias, residual, self.out_features, self.in_features,
+            activation, None, static,
         )
 
     def extra_repr(self) -> str:

@@ -44,6 +44,7 @@ from torch import nn
 from .. import decompose
 from .. import ranks as rank_sel
 from .factorized_linear import FORWARDS, ReconstructedWeightCache
+from .weight_view import ConvLike
 
 __all__ = ["TuckerConv", "CPConv", "TTConv", "conv_padding", "tt_conv_tensor", "tt_conv_weight"]
 
@@ -70,7 +71,7 @@ def conv_padding(layer: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((p, p) for p in layer.padding)
 
 
-class _FactorizedConv(ReconstructedWeightCache, nn.Module):
+class _FactorizedConv(ConvLike, ReconstructedWeightCache, nn.Module):
     """Settings shared by the factorized convs and the padded spatial conv they run."""
 
     method_name = "?"

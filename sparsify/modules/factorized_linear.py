@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rank_sel
+from .weight_view import LinearLike
 
 __all__ = ["CPLinear", "TuckerLinear", "TTLinear", "Contraction", "ReconstructedWeightCache", "tensorize"]
 
@@ -177,7 +178,7 @@ class ReconstructedWeightCache:
         return state
 
 
-class _TensorizedLinear(ReconstructedWeightCache, nn.Module):
+class _TensorizedLinear(LinearLike, ReconstructedWeightCache, nn.Module):
     """Shared machinery: tensorized shapes, the two contractions, forward, dense views."""
 
     method_name = "?"
@@ -220,15 +221,21 @@ class _TensorizedLinear(ReconstructedWeightCache, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.forward_mode == "reconstructed":
             return F.linear(x, self._reconstructed_weight(x), self.bias)
-        y = self._forward_path(x.unflatten(-1, self.in_modes), *self._factors())
-        y = y.flatten(-len(self.out_modes))
+        y = self.weight_product(x)
         return y if self.bias is None else y + self.bias
+
+    def weight_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias, on the forward this module runs."""
+        if self.forward_mode == "reconstructed":
+            return F.linear(x, self._reconstructed_weight(x))
+        y = self._forward_path(x.unflatten(-1, self.in_modes), *self._factors())
+        return y.flatten(-len(self.out_modes))
 
     def to_dense(self) -> torch.Tensor:
         """The exact weight ``[out, in]`` the factors represent; differentiable."""
         return self._dense_path(*self._factors()).reshape(self.out_features, self.in_features)
 
-    def to_dense_module(self) -> nn.Linear:
+    def _dense_linear(self) -> nn.Linear:
         w = self.to_dense()
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=w.dtype)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weight_view import LinearLike
+
 __all__ = ["LowRankLinear", "svd_rank"]
 
 
@@ -42,7 +44,7 @@ def svd_rank(
     return max(1, min(full, int(rank)))
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(LinearLike, nn.Module):
     """``y = (x @ V.T) @ U.T + bias`` with ``U [out, r]``, ``V [r, in]``.
 
     Example:
@@ -114,7 +116,7 @@ class LowRankLinear(nn.Module):
         tokens = math.prod(input_shape[:-1])
         return 2 * tokens * self.rank * (self.in_features + self.out_features)
 
-    def to_dense_module(self) -> nn.Linear:
+    def _dense_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.U.device, dtype=self.U.dtype)
         with torch.no_grad():
@@ -125,6 +127,10 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.V), self.U, self.bias)
+
+    def weight_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias."""
+        return F.linear(F.linear(x, self.V), self.U)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -1,0 +1,122 @@
+"""``SparseMultiheadAttention`` computes what ``nn.MultiheadAttention`` computes.
+
+Property: for any MHA configuration (bias, kdim / vdim, bias_kv, zero attention,
+batch-first, batched or not) and any call (self- or cross-attention, boolean or
+float masks, need_weights, averaged or not, causal), the subclass with its
+projections as modules equals torch's module with the same weights.
+Tolerance: float32, attention over <= 8 keys with the same arithmetic in another
+association order (three projections instead of one packed product): 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsify
+from sparsify.modules.attention import SparseMultiheadAttention
+
+E, HEADS = 32, 4
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bias=st.booleans(), kv_dim=st.sampled_from([None, 24]), bias_kv=st.booleans(), zero=st.booleans(),
+       batch_first=st.booleans(), batched=st.booleans(), self_attn=st.booleans(), need_weights=st.booleans(),
+       average=st.booleans(), kpm=st.sampled_from([None, "bool", "float"]), mask=st.sampled_from([None, "2d", "3d"]),
+       seed=st.integers(0, 2**16))
+def test_sparse_mha_equals_torch_mha(bias, kv_dim, bias_kv, zero, batch_first, batched, self_attn, need_weights,
+                                     average, kpm, mask, seed):
+    torch.manual_seed(seed)
+    if self_attn:
+        kv_dim = None
+    mha = nn.MultiheadAttention(E, HEADS, bias=bias, add_bias_kv=bias_kv, add_zero_attn=zero, kdim=kv_dim,
+                                vdim=kv_dim, batch_first=batch_first).eval()
+    sm = SparseMultiheadAttention.from_mha(mha).eval()
+    L, S, B = 5, (5 if self_attn else 7), 3
+
+    def make(n, d):
+        if not batched:
+            return torch.randn(n, d)
+        return torch.randn(B, n, d) if batch_first else torch.randn(n, B, d)
+
+    q = make(L, E)
+    k = q if self_attn else make(S, kv_dim or E)
+    v = q if self_attn else make(S, kv_dim or E)
+    kw = {}
+    bool_masks = kpm == "bool" or (kpm is None and mask is not None and seed % 2 == 0)
+    if kpm is not None:
+        m = torch.rand(B, S) < 0.3 if bool_masks else torch.randn(B, S)
+        if bool_masks:
+            m[:, 0] = False
+        kw["key_padding_mask"] = m if batched else m[0]
+    if mask == "2d":
+        m = torch.rand(L, S) < 0.3 if bool_masks else torch.randn(L, S)
+        if bool_masks:
+            m[:, 0] = False
+        kw["attn_mask"] = m
+    elif mask == "3d":
+        m = torch.rand(B * HEADS if batched else HEADS, L, S)
+        kw["attn_mask"] = (m < 0.3) if bool_masks else m
+        if bool_masks:
+            kw["attn_mask"][..., 0] = False
+    want = mha(q, k, v, need_weights=need_weights, average_attn_weights=average, **kw)
+    got = sm(q, k, v, need_weights=need_weights, average_attn_weights=average, **kw)
+    assert rel(got[0], want[0]) < 1e-5
+    assert (got[1] is None) == (want[1] is None)
+    if want[1] is not None:
+        assert rel(got[1], want[1]) < 1e-5
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_causal_self_attention(need_weights):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    sm = SparseMultiheadAttention.from_mha(mha)
+    x = torch.randn(2, 6, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(6)
+    want = mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)[0]
+    assert rel(sm(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)[0], want) < 1e-5
+
+
+def test_mha_attributes_read_as_the_dense_tensors_and_densify_returns_torch_mha():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, HEADS)
+    model = nn.Sequential()
+    model.attn = mha
+    sparse = sparsify.sparsify(model, density=0.5, block_size=8, min_size=0)
+    sm = sparse.attn
+    assert isinstance(sm, SparseMultiheadAttention) and isinstance(sm, nn.MultiheadAttention)
+    assert sm.in_proj_weight.shape == mha.in_proj_weight.shape and sm.in_proj_bias.shape == (3 * E,)
+    names = {d.name for d in sparse._sparsify_plan.decisions if d.rewrites}
+    assert names == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+    back = sparsify.densify(sparse).attn
+    assert type(back) is nn.MultiheadAttention
+    x = torch.randn(5, 2, E)
+    with torch.no_grad():
+        assert rel(back(x, x, x)[0], sm(x, x, x)[0]) < 1e-5
+        # the dense weight the view stands for is the densified module's packed weight
+        assert torch.allclose(sm.in_proj_weight * 1, back.in_proj_weight, atol=1e-7)
+
+
+def test_encoder_layer_fast_path_is_not_taken_around_rewritten_projections():
+    """The fused fast path would read the dense weights and bypass the rewritten layers."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, E)
+    sparse = sparsify.sparsify(nn.Sequential(layer), density=0.5, block_size=8, min_size=0, example_inputs=(x,))
+    calls = []
+    handle = sparse[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        y = sparse(x)
+    handle.remove()
+    assert calls, "the projections were bypassed"
+    with torch.no_grad():
+        assert rel(y, sparsify.densify(sparse)(x)) < 1e-5
