@@ -496,7 +496,10 @@ def build_library(source: str, *, name: str = "program", include_dirs: tuple[str
     dirs = tuple(str(Path(d).resolve()) for d in include_dirs) + (str(CSRC),) + cuda_include_dirs()
     runtime = runtime_library()
     define_flags = [f"-D{k}={v}" if v != "" else f"-D{k}" for k, v in sorted(defines.items())]
-    flags = [*FLAGS, "-DSPARSIFY_EMULATOR=1", *define_flags, *options]
+    # Hidden symbols and -Bsymbolic: each module keeps its own copy of every __shared__ variable
+    # (function-local statics of inline functions are weak globals that the dynamic linker would
+    # otherwise bind to the first loaded module that defines them, e.g. an unmodified build).
+    flags = [*FLAGS, "-fvisibility=hidden", "-DSPARSIFY_EMULATOR=1", *define_flags, *options]
     key = _hash(
         FORMAT, version, _runtime_key(), " ".join(flags), str(int(max_dynamic_shared_bytes)),
         *_file_hashes(_SHIM_SOURCES), source, json.dumps(header_closure(source, dirs)),
@@ -530,10 +533,11 @@ def build_library(source: str, *, name: str = "program", include_dirs: tuple[str
                     if demangled.split("::")[-1] in shared_names:
                         aliases.append(mangled)
             (t / "module.cpp").write_text(_module(int(max_dynamic_shared_bytes), aliases))
-            _run([cxx, "-x", "c++", *FLAGS, f"-I{CSRC}", "-c", "module.cpp", "-o", "module.o"], t, name,
+            _run([cxx, "-x", "c++", *FLAGS, "-fvisibility=hidden", f"-I{CSRC}", "-c", "module.cpp", "-o", "module.o"], t, name,
                  "module", source)
             _run([cxx, "-shared", "-o", lib.name, "main.o", "module.o", str(runtime),
-                  f"-Wl,-rpath,{runtime.parent}", "-Wl,--no-undefined", "-lm"], t, name, "link", source)
+                  f"-Wl,-rpath,{runtime.parent}", "-Wl,--no-undefined", "-Wl,-Bsymbolic", "-lm"], t, name, "link",
+                 source)
             digest = hashlib.sha256((t / lib.name).read_bytes()).hexdigest()
             record = {
                 "name": name, "key": key, "sha256": digest, "compiler": version, "flags": flags,
