@@ -21,6 +21,16 @@ from .coords import (
 from .manager import CoordinateManager, CoordinateMapKey, as_stride
 from .ops import register_spatial_executor, spatial_executor_for
 
+
+
+def _cuda_factory(device):
+    from .cuda import SpatialCUDAExecutor
+
+    return SpatialCUDAExecutor.for_device(device)
+
+
+register_spatial_executor("cuda", _cuda_factory)  # a factory only: nothing CUDA is imported here
+
 __all__ = [
     "CoordinateIndex",
     "CoordinateManager",

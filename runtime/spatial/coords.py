@@ -348,6 +348,16 @@ def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Seque
 
 
 # ------------------------------------------------------------------ kernel maps
+def _hash_executor(device: torch.device):
+    """The executor whose hash kernels build kernel maps on ``device`` (None: torch lookups)."""
+    if device.type == "cpu":
+        return None
+    from .ops import spatial_executor_for
+
+    ex = spatial_executor_for(device)
+    return ex if hasattr(ex, "hash_table") else None
+
+
 @dataclass(eq=False)
 class KernelMap:
     """Gather / scatter pairs of a sparse convolution, grouped by kernel offset.
@@ -414,6 +424,13 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     ins, outs, bounds = [], [], [0]
     identity_k = -1
     same = in_map is out_map
+    hashed = None
+    hash_ex = _hash_executor(dev)
+    if hash_ex is not None:  # CUDA: the hash kernels answer every (point, offset) query at once
+        from .cuda import kernel_map_rows
+
+        in_keys = (((in_map.coordinates.to(torch.int64) - index.lo) // index.step) * index.mult).sum(1)
+        hashed = kernel_map_rows(hash_ex, in_keys, base, shifts)
     for k, shift in enumerate(shifts):
         if same and shift == 0:
             r = torch.arange(len(in_map), dtype=itype, device=dev)
@@ -421,7 +438,7 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
             outs.append(r)
             identity_k = k
         else:
-            rows = index.rows_of_inside_keys(base + shift)
+            rows = hashed[k] if hashed is not None else index.rows_of_inside_keys(base + shift)
             sel = torch.nonzero(rows >= 0).squeeze(1)
             ins.append(rows.index_select(0, sel).to(itype))
             outs.append(rows_near.index_select(0, sel))
