@@ -7,7 +7,8 @@ get; each test forces one kernel instantiation.  Hypothesis draws the case:
 layout (with an empty block row and column, ragged in/out features), M (not a
 multiple of the tile; large enough to split dW over M when asked), misaligned
 operands, epilogue (activation, bias, residual, output cast, each with its own
-dtype), and two thread-scheduling orders; outputs start as NaN.
+dtype), and two thread-scheduling orders (one where a warp runs ahead to the
+next barrier, one interleaved); outputs start as NaN.
 
 Tolerances.  The reference takes the kernel's inputs rounded exactly as the
 kernel sees them (to f16 / bf16, or by cvt.rna to tf32), so products agree
@@ -280,7 +281,11 @@ def check_case(ex, case: Case, schedules: tuple[str, ...], seed: int = 0) -> str
     return None
 
 
-schedule_pairs = st.permutations(emulator.SCHEDULES).map(lambda p: tuple(p[:2]))
+#: Every example runs under a warp-skewing schedule (one warp runs ahead to the next barrier: the
+#: one that exposes a missing barrier) and an interleaving one.
+SKEWING = ("greedy", "greedy_reverse")
+schedule_pairs = st.tuples(st.sampled_from(SKEWING),
+                           st.sampled_from([s for s in emulator.SCHEDULES if s not in SKEWING]))
 
 
 # ----------------------------------------------------------------------- the properties

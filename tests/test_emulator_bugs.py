@@ -5,7 +5,8 @@ built for the emulator, and the emulated property check of test_emulator_bsmm mu
 The cases are fixed, chosen so each bug has something to break: the forward layout has a block
 row of 4 blocks (with 3 pipeline stages the last stage is stage 0, which the output tile
 aliases), M spans two tiles, and every run uses the ``greedy`` schedule (one warp runs ahead to
-the next barrier, so a missing barrier is seen) and ``round_robin``.
+the next barrier, so a missing barrier is seen), ``greedy_reverse`` (the last warp runs ahead)
+and ``round_robin`` (warps in lockstep: it alone misses the barrier bug).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sparsify.runtime.cuda import kernels
 from sparsify.runtime.cuda.compiler import SRC_DIR
 from tests.test_emulator_bsmm import check_case, emulator, executor, make_case
 
-SCHEDULES = ("greedy", "round_robin")
+SCHEDULES = ("greedy", "greedy_reverse", "round_robin")
 
 #: name -> (file, original text, buggy text, kernel that runs it)
 BUGS = {
@@ -83,3 +84,12 @@ def test_a_planted_bug_fails_the_emulated_property_check(tmp_path, bug):
     why = check_case(ex, _case(spec), SCHEDULES)
     assert why is not None, f"the emulator did not catch {bug}"
     print(f"{bug}: {why}")
+
+
+def test_the_missing_barrier_needs_a_warp_skewing_schedule(tmp_path):
+    """Why every property example runs one warp-skewing schedule: warps in lockstep (round robin)
+    finish reading the last stage before any of them writes the output tile over it."""
+    spec = _spec(BUGS["missing_barrier_before_smem_reuse"][3])
+    ex = executor(1, _copy(tmp_path, "missing_barrier_before_smem_reuse"))
+    assert check_case(ex, _case(spec), ("round_robin",)) is None
+    assert check_case(ex, _case(spec), ("greedy",)) is not None

@@ -47,13 +47,15 @@ EMULATE_ENV = "SPARSIFY_EMULATE_CUDA"
 class EmulatedKernelRuntime:
     """The CUDA kernels of ``kernels.py``, built for the host and run by the emulator.
 
+    A kernel is built from ``#include "<header>"`` plus ``spec.macro()``: any spec object with
+    ``name``, ``threads`` and ``macro()`` (another kernel family's too) can be launched.
     ``schedule`` / ``seed`` choose the thread-scheduling order of every launch (tests change them
     between runs); ``launches`` records ``(kernel name, grid, block, LaunchStats)`` of each launch."""
 
     timed = False
 
     def __init__(self, *, sm_count: int = 132, schedule: str = "round_robin", seed: int = 0,
-                 device_name: str | None = None, src_dir: str | None = None) -> None:
+                 device_name: str | None = None, src_dir: str | None = None, header: str = "bsmm.cuh") -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"sparsify emulator: unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
         if int(sm_count) < 1:
@@ -66,16 +68,18 @@ class EmulatedKernelRuntime:
         self.launches: list[tuple] = []
         #: the kernel sources (default: the installed cuda_src; tests point it at modified copies)
         self.src_dir = src_dir
+        #: the header whose macros define the kernels (another kernel family passes its own)
+        self.header = header
         self._programs: dict[str, Program] = {}
         self._lock = threading.Lock()
 
     def kernel(self, spec: kernels.KernelSpec) -> Program:
-        """The program holding ``spec`` (built on first use): the kernel's own macro line."""
+        """The program holding ``spec`` (built on first use): the header and the kernel's macro line."""
         prog = self._programs.get(spec.name)
         if prog is None:
             from ..cuda.compiler import SRC_DIR
 
-            source = f'// {spec.name}: emulated\n#include "bsmm.cuh"\n{spec.macro()}\n'
+            source = f'// {spec.name}: emulated\n#include "{self.header}"\n{spec.macro()}\n'
             prog = build(source, name=spec.name, include_dirs=(str(self.src_dir or SRC_DIR),))
             with self._lock:
                 self._programs[spec.name] = prog

@@ -8,7 +8,7 @@ grid synchronously on the calling thread (ctypes releases the GIL).
 
 Example:
     >>> SCHEDULES
-    ('round_robin', 'reverse', 'greedy', 'random')
+    ('round_robin', 'reverse', 'greedy', 'random', 'greedy_reverse')
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ from .builder import BuildResult
 
 __all__ = ["EmulatedKernelError", "KernelInfo", "LaunchStats", "Param", "Program", "SCHEDULES"]
 
-#: Thread-scheduling orders (see docs/cuda_runtime.md): ``round_robin`` resumes the next
-#: runnable thread after the last one (blocks in order); ``reverse`` the same, descending
-#: (blocks in reverse order); ``greedy`` always the lowest runnable thread, so one warp runs as
-#: far as it can before the next starts; ``random`` a seeded random thread (blocks shuffled).
-SCHEDULES = ("round_robin", "reverse", "greedy", "random")
+#: Thread-scheduling orders (see docs/cuda_runtime.md), in the runtime's numbering:
+#: ``round_robin`` resumes the next runnable thread after the last one (blocks in order), so
+#: warps advance in lockstep from one synchronization point to the next; ``reverse`` the same,
+#: descending (blocks in reverse order); ``greedy`` always the lowest runnable thread, so warp 0
+#: runs as far as it can (to the next barrier) before warp 1 starts, which is what exposes a
+#: missing barrier; ``random`` a seeded random thread (blocks shuffled); ``greedy_reverse``
+#: always the highest runnable thread (the last warp runs ahead; blocks descending).
+SCHEDULES = ("round_robin", "reverse", "greedy", "random", "greedy_reverse")
 _KINDS = {0: "pointer", 1: "int", 2: "unsigned", 3: "float", 4: "bytes"}
 MAX_THREADS = 1024
 MAX_BLOCK = (1024, 1024, 64)

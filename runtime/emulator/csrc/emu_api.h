@@ -71,7 +71,8 @@ enum {
   SPARSIFY_EMU_ROUND_ROBIN = 0,  // next runnable thread after the last one, ascending; blocks ascending
   SPARSIFY_EMU_REVERSE = 1,      // the same, descending; blocks descending
   SPARSIFY_EMU_GREEDY = 2,       // always the lowest runnable thread: a warp runs as far as it can
-  SPARSIFY_EMU_RANDOM = 3        // a seeded random runnable thread; blocks in a seeded random order
+  SPARSIFY_EMU_RANDOM = 3,       // a seeded random runnable thread; blocks in a seeded random order
+  SPARSIFY_EMU_GREEDY_REVERSE = 4  // always the highest runnable thread; blocks descending
 };
 
 // ------------------------------------------------------------------ the launch

@@ -6,7 +6,7 @@
 //    runs until it reaches a synchronization point (__syncthreads, a warp
 //    collective, __nanosleep) or exits; the scheduler then picks the next
 //    runnable thread by the launch's schedule (round robin, reverse, greedy,
-//    seeded random).  Thread blocks run one after another.
+//    greedy reverse, seeded random).  Thread blocks run one after another.
 //  * __syncthreads is a block barrier.  A thread that exits while others wait
 //    at a barrier, or that reaches a barrier after another thread exited, is an
 //    error; so is a block where no thread can run (a deadlock).
@@ -817,6 +817,7 @@ int pick(Launch& L) {
   };
   switch (L.schedule) {
     case SPARSIFY_EMU_GREEDY: return first_from(0);
+    case SPARSIFY_EMU_GREEDY_REVERSE: return last_below(n);
     case SPARSIFY_EMU_REVERSE: {
       int i = L.last > 0 ? last_below(L.last) : -1;
       if (i < 0) i = last_below(n);
@@ -973,7 +974,9 @@ int run_launch(Launch& L, size_t stack_bytes) {
   const uint64_t nblocks = uint64_t(L.grid[0]) * L.grid[1] * L.grid[2];
   std::vector<uint64_t> order(nblocks);
   for (uint64_t b = 0; b < nblocks; ++b) order[b] = b;
-  if (L.schedule == SPARSIFY_EMU_REVERSE) std::reverse(order.begin(), order.end());
+  if (L.schedule == SPARSIFY_EMU_REVERSE || L.schedule == SPARSIFY_EMU_GREEDY_REVERSE) {
+    std::reverse(order.begin(), order.end());
+  }
   if (L.schedule == SPARSIFY_EMU_RANDOM) std::shuffle(order.begin(), order.end(), L.rng);
   L.stats.smem_window_bytes = L.smem_size;
   for (uint64_t b : order) {
