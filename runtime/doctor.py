@@ -116,13 +116,28 @@ def _compile_all(archs: list[str], jobs: int) -> bool:
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the doctor; returns the exit status (0 when everything needed is there and builds)."""
-    ap = argparse.ArgumentParser(prog="sparsify doctor", description=__doc__.split("\n\n")[0])
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit status 2, as everywhere in the ``sparsify`` command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None, prog: str = "sparsify doctor") -> int:
+    """Run the doctor; returns the exit status (0 when everything needed is there and builds).
+
+    ``sparsify doctor ARGS`` and ``python -m sparsify.runtime.doctor ARGS`` both land here;
+    ``--help`` prints the usage and returns 0.
+    """
+    ap = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--compile-all", action="store_true", help="compile every kernel instantiation and report resources")
     ap.add_argument("--arch", action="append", help="arch for --compile-all (repeatable; default sm_80 and sm_90)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 0
     ok = _environment()
     if args.compile_all:
         if not ok:

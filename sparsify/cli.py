@@ -1,8 +1,9 @@
 """The ``sparsify`` command: inspect, convert, verify, bench, doctor.  See docs/cli.md.
 
 Exit codes: 0 ok; 2 bad input (one line on stderr starting ``sparsify: error:``,
-no output file); 3 ``verify`` found a difference; 130 interrupted (Ctrl-C);
-1 an unexpected internal error.  ``--debug`` shows tracebacks.
+no output file); 3 ``verify`` found a difference; 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), each with one line and no output left; 1 an unexpected
+internal error.  ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .errors import InputError
 __all__ = ["main", "load_config_file", "build_parser"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,19 +136,20 @@ def _input_specs(args, spec, manifest: dict | None = None) -> list:
     if args.input_shape:
         specs = [parse_input_spec(s) for s in args.input_shape]
     elif manifest and manifest.get("inputs"):
-        specs = [InputSpec.from_dict(s) for s in manifest["inputs"]]
+        specs = [None if s is None else InputSpec.from_dict(s, f"manifest.json: field inputs[{i}]")
+                 for i, s in enumerate(manifest["inputs"])]
     else:
         specs = list(spec.default_inputs) if spec is not None else []
     batch = getattr(args, "batch", None)
     if batch is not None:
         if batch < 1:
             raise InputError(f"--batch {batch}: expected an integer >= 1.")
-        specs = [s.with_batch(batch) for s in specs]
+        specs = [None if s is None else s.with_batch(batch) for s in specs]
     return specs
 
 
 def _describe_inputs(specs) -> str:
-    return " ".join(str(s) for s in specs) or "none"
+    return " ".join("None" if s is None else str(s) for s in specs) or "none"
 
 
 def _check_inputs_fit(model, inputs, specs, what: str) -> Any:
@@ -254,9 +257,16 @@ def cmd_inspect(args) -> int:
         print(f"sparsify artifact {spec.target} (format {m['format_version']}, sparsify {m.get('sparsify_version')}, "
               f"torch {m.get('torch_version')}, {m.get('created')})")
         print(f"converted from: {model.get('target', 'unknown (saved from Python)')}")
-        print(f"inputs: {', '.join(str(i['shape']) + ':' + i['dtype'] for i in m.get('inputs') or []) or 'none recorded'}")
-        ex = m.get("exported")
-        print(f"exported program: {'yes (loads without the source)' if ex else 'no: ' + str(m.get('exported_note'))}")
+        if m.get("hf"):
+            print(f"Hugging Face class: {m['hf']['class']} (load() rebuilds it from the recorded config)")
+        ins = m.get("inputs") or []
+        print(f"inputs: {', '.join('None' if i is None else str(i['shape']) + ':' + i['dtype'] for i in ins) or 'none recorded'}")
+        if m.get("program"):
+            print("stored program: yes (loads without the source)")
+        elif m["format_version"] < 2 and m.get("exported"):
+            print("stored program: format 1, no longer loaded (load from the factory and save again)")
+        else:
+            print(f"stored program: no: {m.get('program_note') or m.get('exported_note')}")
         print(f"weights: {m['weights']['bytes']} bytes, sha256 {m['weights']['sha256'][:16]}...")
         print()
         print(_report_from_manifest(m))
@@ -288,33 +298,67 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
-_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_held: dict[int, object] = {}
-_late_signals: list[int] = []
+# --------------------------------------------------------------------- signals
+class _Interrupted(KeyboardInterrupt):
+    """Raised by the signal handler; carries which signal (SIGINT -> 130, SIGTERM -> 143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _hold_signals() -> None:
-    """From the commit of OUT on, Ctrl-C / SIGTERM are recorded, not raised: the command
-    then ends as it succeeded (exit 0, OUT complete) instead of reporting an interrupt
-    with OUT in place.  Python runs signal handlers in the main thread, so this holds
-    whichever thread the signal is delivered to (a signal mask would not)."""
-    for s in _HELD_SIGNALS:
-        with contextlib.suppress(ValueError):  # not the main thread: nothing to hold
-            _held[s] = signal.signal(s, lambda signum, _frame: _late_signals.append(signum))
+class _State:
+    raised: int | None = None      # the signal that interrupted the command
+    written: list[str] = []        # outputs committed so far (for a truthful interrupt message)
 
 
-def _release_signals() -> None:
-    while _held:
-        s, handler = _held.popitem()
-        signal.signal(s, handler)
-    _late_signals.clear()
+def _on_signal(signum: int, _frame: Any) -> None:
+    """SIGINT / SIGTERM: interrupt the command once; while outputs are committed or temporary
+    files removed (sparsify.files.held_signals), or once already interrupting, only record it."""
+    from . import files
+
+    if files.signals_held() or _State.raised is not None:
+        files.record_signal(signum)
+        return
+    _State.raised = signum
+    raise _Interrupted(signum)
+
+
+def _interrupt_exit(signum: int) -> int:
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    if _State.written:
+        print(f"sparsify: {what} after {', '.join(_State.written)} was written completely; it is kept",
+              file=sys.stderr)
+    else:
+        print(f"sparsify: {what}; no output was written", file=sys.stderr)
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def _commit(pending: list) -> None:
+    """Commit staged outputs as one transaction (all or none; see sparsify.files.commit_all)."""
+    from . import files
+
+    left = files.commit_all(pending)
+    _State.written = [str(p.out) for p in pending]
+    for name in left:
+        print(f"sparsify: warning: kept {name!r}, which sparsify did not write, beside the replaced output",
+              file=sys.stderr)
+    late = files.pending_signals()
+    if late:
+        raise _Interrupted(late[0])
+
+
+def _state_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def cmd_convert(args) -> int:
     import torch
 
+    from . import files
     from .api import sparsify
-    from .io import check_output_path, save
+    from .html_report import check_report_path, stage_report
+    from .io import check_output_path, hf_info, stage_artifact
 
     spec = _spec_from_args(args)
     if spec.kind == "artifact":
@@ -323,13 +367,19 @@ def cmd_convert(args) -> int:
     inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
     out = check_output_path(args.output, inputs_paths, force=args.force)
     if args.report:
-        _check_report_path(args.report, inputs_paths + [out])
+        check_report_path(args.report, inputs_paths + [out], force=args.force)
+        if Path(args.report).resolve() == out.resolve() or out.resolve() in Path(args.report).resolve().parents:
+            raise InputError(f"--report {args.report} would be inside OUT {out}; choose another path.")
     model = _build(spec)
+    # The artifact never needs more than the dense weights (+ index); refuse a disk that cannot hold them
+    # now, not after the conversion work.
+    check_output_path(out, inputs_paths, force=args.force, need_bytes=_state_bytes(model) + (1 << 20))
     specs = _input_specs(args, spec)
     inputs = _make_inputs(specs, spec, args.seed) if specs else None
     if inputs:
         _check_inputs_fit(model, inputs, specs, spec.target)
     fingerprint = _fingerprint(model)
+    hf = hf_info(model) if spec.kind == "hf" else None
     total = None
     with contextlib.suppress(Exception), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -339,45 +389,34 @@ def cmd_convert(args) -> int:
     rep = __import__("sparsify").report(converted)
     print(rep)
     if not specs:
-        print("note: no --input-shape: FLOPs are unknown and no exported program is saved.")
-    if args.no_export:
-        export = False
-    else:
-        export = inputs is not None
-    if args.report:
-        # Written before OUT: committing OUT is the last step, so an interrupt at any
-        # point before it leaves no OUT, and none after it can (see _hold_signals).
-        from .html_report import write_report
-
-        files = write_report(args.report, rep, converted, title=f"sparsify report: {spec.target}",
-                             meta={"model": spec.target, "config": repr(config), "inputs": _describe_inputs(specs),
-                                   "artifact": str(out)})
-        print(f"wrote {', '.join(str(f) for f in files)}")
+        print("note: no --input-shape: FLOPs are unknown and no program is stored.")
+    export = inputs is not None and not args.no_export
     t = time.perf_counter()
-    save(converted, out, model_spec=spec, config=config, example_inputs=inputs, export=export,
-         overwrite=args.force, extra={"source_fingerprint": fingerprint, "torch_threads": torch.get_num_threads()},
-         before_commit=_hold_signals)
-    if _late_signals:
-        print("sparsify: interrupt received after OUT was complete; OUT is kept", file=sys.stderr)
+    pending: list = []
+    try:
+        if args.report:
+            pending += stage_report(args.report, rep, converted, title=f"sparsify report: {spec.target}",
+                                    meta={"model": spec.target, "config": repr(config),
+                                          "inputs": _describe_inputs(specs), "artifact": str(out)},
+                                    force=args.force)
+        pending.append(stage_artifact(converted, out, model_spec=spec, config=config, example_inputs=inputs,
+                                      export=export, overwrite=args.force, hf=hf,
+                                      extra={"source_fingerprint": fingerprint,
+                                             "torch_threads": torch.get_num_threads()}))
+        # The report and OUT are committed together at the very end: an interrupt before leaves
+        # neither, one during the commit takes both back.
+        _commit(pending)
+    except BaseException:
+        files.discard_all(pending)
+        raise
     from .io import read_manifest
 
     m = read_manifest(out)
-    ex = "exported program saved" if m.get("exported") else f"no exported program ({m.get('exported_note') or 'disabled'})"
+    ex = "program stored" if m.get("program") else f"no program ({m.get('program_note') or 'disabled'})"
+    if args.report:
+        print(f"wrote {', '.join(str(p.out) for p in pending[:-1])}")
     print(f"wrote {out} ({ex}; {time.perf_counter() - t:.1f} s)")
     return EXIT_OK
-
-
-def _check_report_path(path: str, inputs: list) -> None:
-    from .html_report import REPORT_SUFFIXES
-
-    p = Path(path)
-    if p.suffix.lower() not in REPORT_SUFFIXES:
-        raise InputError(f"--report {path}: unknown report format {p.suffix or '(none)'}; use .html or .md.")
-    for i in inputs:
-        if p.resolve() == Path(i).resolve():
-            raise InputError(f"--report {path} is the input {i}; choose another path.")
-    if not p.parent.resolve().is_dir():
-        raise InputError(f"--report {path}: the folder {p.parent} does not exist.")
 
 
 def _flatten(out: Any, prefix: str = "output") -> list[tuple[str, Any]]:
@@ -409,6 +448,8 @@ def cmd_verify(args) -> int:
     from .api import densify
     from .io import load, read_manifest
 
+    if not math.isfinite(args.tol) or args.tol < 0:
+        raise InputError(f"--tol {args.tol}: expected a finite relative error >= 0 (e.g. 1e-4).")
     manifest = read_manifest(args.artifact)
     recorded = manifest.get("model") or {}
     if args.seed is None:
@@ -429,8 +470,8 @@ def cmd_verify(args) -> int:
         outs = {"original": _flatten(original(*inputs)), "converted": _flatten(converted(*inputs)),
                 "reference": _flatten(reference(*inputs))}
         exported_outs = None
-        if manifest.get("exported"):
-            exported_outs = _flatten(load(args.artifact, source="exported")(*inputs))
+        if manifest.get("program"):
+            exported_outs = _flatten(load(args.artifact, source="program")(*inputs))
     fp = manifest.get("source_fingerprint")
     same_source = fp is None or fp == _fingerprint(original)
     rows = [["output", "shape", "vs dense reference: max abs", "max rel", "vs original: max abs", "max rel"]]
@@ -446,7 +487,7 @@ def cmd_verify(args) -> int:
     if exported_outs is not None:
         ex_worst = max((_errors(e, c)[1] for (_, e), (_, c) in zip(exported_outs, outs["converted"])), default=0.0)
         ex_ok = ex_worst <= args.tol and len(exported_outs) == len(outs["converted"])
-        print(f"exported program vs rebuilt model: max rel {ex_worst:.3g} ({'equal' if ex_ok else 'DIFFERENT'})")
+        print(f"stored program vs rebuilt model: max rel {ex_worst:.3g} ({'equal' if ex_ok else 'DIFFERENT'})")
         ok = ok and ex_ok
     if not same_source:
         print("note: MODEL's weights differ from those the artifact was converted from; the error vs original "
@@ -474,17 +515,36 @@ def _time(fn, inputs, *, warmup: int, repeat: int, cuda: bool) -> list[float]:
     return times
 
 
+_BENCH_GENERATOR = "sparsify bench"
+
+
+def _is_bench_json(path: Path) -> bool:
+    """A file ``bench --json`` wrote (the only kind ``--force`` replaces)."""
+    from .files import parse_json, read_regular
+
+    try:
+        doc = parse_json(read_regular(path.parent, path.name, max_bytes=64 * 2**20, what="bench JSON"), str(path))
+    except InputError:
+        return False
+    return isinstance(doc, dict) and doc.get("generator") == _BENCH_GENERATOR
+
+
 def cmd_bench(args) -> int:
     import torch
 
     from .api import densify, sparsify
-    from .io import atomic_write, load, read_manifest
+    from .io import check_output_file, load, read_manifest, write_file
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False).")
-    if args.repeat < 1 or args.warmup < 0:
-        raise InputError("--repeat must be >= 1 and --warmup >= 0.")
+    if args.repeat < 1 or args.warmup < 0 or args.repeat > 100_000 or args.warmup > 100_000:
+        raise InputError("--repeat must be in [1, 100000] and --warmup in [0, 100000].")
     spec = _spec_from_args(args)
+    if args.json:
+        inputs_paths = spec.input_paths() + ([Path(args.config)] if getattr(args, "config", None) else [])
+        if args.factory:
+            inputs_paths += _spec_from_args(args, args.factory).input_paths()
+        check_output_file(args.json, inputs_paths, force=args.force, is_ours=_is_bench_json, what="--json")
     manifest = None
     if spec.kind == "artifact":
         manifest = read_manifest(spec.target)
@@ -536,30 +596,21 @@ def cmd_bench(args) -> int:
     else:
         print("dense: n/a (the artifact has only its exported program; pass --factory MODEL to time the dense model)")
     if args.json:
-        doc = {"model": args.model, "device": str(dev), "threads": torch.get_num_threads(),
+        doc = {"generator": _BENCH_GENERATOR, "model": args.model, "device": str(dev),
+               "threads": torch.get_num_threads(),
                "inputs": [s.to_dict() for s in specs], "warmup": args.warmup, "repeat": args.repeat,
                "results": results, "speedup": speedup, "torch_version": torch.__version__}
-        atomic_write(args.json, json.dumps(doc, indent=1) + "\n")
+        write_file(args.json, json.dumps(doc, indent=1) + "\n", force=args.force, is_ours=_is_bench_json,
+                   what="--json")
+        _State.written = [str(args.json)]
         print(f"wrote {args.json}")
     return EXIT_OK
 
 
 def cmd_doctor(args) -> int:
-    try:
-        doctor = importlib.import_module("sparsify.runtime.doctor")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("sparsify.runtime.doctor",):
-            raise
-        import torch
+    from .runtime import doctor
 
-        print("sparsify doctor: the CUDA runtime diagnostics are not part of this build yet "
-              "(sparsify.runtime.doctor is missing). Basic facts:")
-        print(f"  torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-        if torch.cuda.is_available():
-            print(f"  device: {torch.cuda.get_device_name()}")
-        print("  executor: CPU reference" + ("" if torch.cuda.is_available() else " (no CUDA device)"))
-        return EXIT_OK
-    return int(doctor.main(list(args.doctor_args)) or 0)
+    return int(doctor.main(list(args.doctor_args), prog="sparsify doctor") or 0)
 
 
 # ---------------------------------------------------------------------- parser
@@ -606,9 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert MODEL, print the report, and write the artifact OUT atomically.")
     p.add_argument("model", metavar="MODEL", help=models_help)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the artifact folder to write")
-    p.add_argument("--force", action="store_true", help="replace an existing artifact at OUT")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing artifact at OUT (and a report sparsify wrote at --report)")
     p.add_argument("--report", metavar="FILE", help="also write a report (.html or .md)")
-    p.add_argument("--no-export", action="store_true", help="do not store a torch.export program")
+    p.add_argument("--no-export", action="store_true", help="do not store the inference program")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", parents=[common, model], help="compare OUT with its dense reference and MODEL",
@@ -625,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="batch size (replaces the first dimension of every input)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs (20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (3)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (a new file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json FILE that bench wrote")
     p.add_argument("--factory", metavar="MODEL", help="for an artifact: its original model (trusted), to time dense")
     p.set_defaults(func=cmd_bench)
 
@@ -642,6 +695,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"sparsify: warning: {text}", file=sys.stderr)
 
 
+def _doctor_argv(argv: list[str]) -> list[str] | None:
+    """``sparsify [--debug] doctor ARGS...``: everything after ``doctor`` is the doctor's own."""
+    for i, a in enumerate(argv):
+        if a == "doctor":
+            return argv[i + 1:]
+        if a != "--debug":
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``sparsify`` command; returns the exit code.
 
@@ -651,12 +714,17 @@ def main(argv: list[str] | None = None) -> int:
         ...
         0
     """
+    from . import files
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     old_showwarning = warnings.showwarning
-    old_term = None
-    with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
-        old_term = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    old_handlers: dict[int, Any] = {}
+    _State.raised, _State.written = None, []
+    files.clear_signals()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            old_handlers[s] = signal.signal(s, _on_signal)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta")
@@ -664,23 +732,28 @@ def main(argv: list[str] | None = None) -> int:
             if not debug:
                 warnings.showwarning = _show_warning
             try:
+                doctor_args = _doctor_argv(argv)
+                if doctor_args is not None:
+                    return cmd_doctor(argparse.Namespace(doctor_args=doctor_args))
                 args = build_parser().parse_args(argv)
                 if getattr(args, "seed", 0) is None and args.func is not cmd_verify:
                     args.seed = 0
+                if getattr(args, "seed", None) is not None and not 0 <= args.seed < 2**63:
+                    raise InputError(f"--seed {args.seed}: expected an integer in [0, 2**63).")
                 return int(args.func(args) or 0)
             except SystemExit as exc:  # --help / --version
                 return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_BAD_INPUT)
+            except KeyboardInterrupt as exc:
+                if debug:
+                    traceback.print_exc()
+                with files.held_signals():
+                    return _interrupt_exit(getattr(exc, "signum", signal.SIGINT))
             except (InputError, ValueError) as exc:
                 if debug:
                     traceback.print_exc()
                 print(f"sparsify: error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
                       file=sys.stderr)
                 return EXIT_BAD_INPUT
-            except KeyboardInterrupt:
-                if debug:
-                    traceback.print_exc()
-                print("sparsify: interrupted; no output was written", file=sys.stderr)
-                return EXIT_INTERRUPTED
             except Exception as exc:
                 if debug:
                     traceback.print_exc()
@@ -690,6 +763,6 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_INTERNAL
     finally:
         warnings.showwarning = old_showwarning
-        _release_signals()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        files.clear_signals()

@@ -3,30 +3,35 @@
 An artifact is a folder::
 
     OUT/
-      manifest.json        format version, versions, the model spec, the config, the
-                           input shapes, the plan (decisions), layouts, tensor table,
-                           checksums
-      weights.safetensors  the converted model's state_dict (plus the exported
-                           program's constants), shared tensors stored once
-      program.json         optional: the torch.export graph (see sparsify.exported)
+      manifest.json        format version, versions, the model spec, the Hugging Face
+                           class and config (when it is one), the config, the input
+                           shapes, the plan (decisions), layouts, tensor table, checksums
+      weights.safetensors  the converted model's state_dict (plus tensors only the
+                           program needs), shared tensors stored once
+      program.json         optional: the inference graph in sparsify's own program
+                           format (see sparsify.program)
 
-It is written into a temporary folder beside OUT and renamed into place, so a
-crash or Ctrl-C never leaves a half-written OUT.  Loading reads JSON and
-safetensors only: nothing is unpickled.  ``load`` rebuilds the model either
-from the stored program (no source needed) or from the original factory
-(re-running the saved decisions, then ``load_state_dict(strict=True)``).
+It is staged in a folder beside OUT and renamed into place with a rename that never
+replaces anything, so a crash or Ctrl-C never leaves a half-written OUT and a folder
+that appears at OUT meanwhile is never touched (see sparsify.files).  Loading reads
+only regular files inside the folder, parses JSON and safetensors within limits,
+validates the manifest field by field (sparsify.manifest) and never unpickles,
+imports or evaluates anything named in a file.  ``load`` rebuilds the model
+
+* from the stored program (no source needed; an inference module),
+* for a Hugging Face model, from its config and class, found only in transformers'
+  own auto-class registry, then the saved decisions replayed (the class comes back),
+* from the original factory you pass (the saved decisions replayed, then the weights).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import hashlib
 import json
 import os
-import secrets
-import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,35 +39,41 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import files as _files
 from .errors import InputError
+from .manifest import MAX_MANIFEST_BYTES, MAX_PROGRAM_BYTES, MAX_TENSOR_ENTRIES, validate_manifest
 from .model_spec import ARTIFACT_MANIFEST, InputSpec, ModelSpec, make_inputs, parse_model
 
-__all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION", "check_output_path", "atomic_write"]
+__all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION", "check_output_path", "check_output_file",
+           "artifact_files", "stage_artifact", "write_file"]
 
 FORMAT = "sparsify.artifact"
 #: Bumped when a reader of an older version could not read the new layout correctly.
-FORMAT_VERSION = 1
+#: 2: the program is sparsify's own format (sparsify.program); format 1 stored torch's serde JSON.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "weights.safetensors"
 PROGRAM_FILE = "program.json"
-_EXPORTED_PREFIX = "__exported__."
-_CHUNK = 1 << 20
+#: Every file an artifact consists of: all that ``--force`` may delete.
+ARTIFACT_FILES = (ARTIFACT_MANIFEST, WEIGHTS_FILE, PROGRAM_FILE)
+_PROGRAM_PREFIX = "__program__."
+#: safetensors' own limit on the JSON header.
+_MAX_HEADER = 100_000_000
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "C64": "complex64"}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
 
 
 # ---------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(o: Any) -> Any:
     if isinstance(o, dict):
         return {str(k): _jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_jsonable(v) for v in o]
-    if isinstance(o, (str, int, float, bool)) or o is None:
+    if isinstance(o, float):
+        return o if o == o and abs(o) != float("inf") else repr(o)
+    if isinstance(o, (str, int, bool)) or o is None:
         return o
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
@@ -71,116 +82,125 @@ def _jsonable(o: Any) -> Any:
     return repr(o)
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def artifact_files(path: str | os.PathLike) -> list[str] | None:
+    """The files of the sparsify artifact at ``path`` (what ``--force`` may delete), or None if it is not one.
+
+    An empty folder counts as an artifact with no files.  A folder holding
+    anything sparsify did not write is not one.
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir():
+        return None
+    try:
+        names = os.listdir(p)
+    except OSError:
+        return None
+    if not names:
+        return []
+    if any(n not in ARTIFACT_FILES for n in names) or ARTIFACT_MANIFEST not in names:
+        return None
+    try:
+        m = _files.parse_json(_files.read_regular(p, ARTIFACT_MANIFEST, max_bytes=MAX_MANIFEST_BYTES,
+                                                  what="manifest"), f"{p}/{ARTIFACT_MANIFEST}")
+    except InputError:
+        return None
+    return names if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    if not (p / ARTIFACT_MANIFEST).is_file():
-        return False
-    try:
-        return json.loads((p / ARTIFACT_MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return bool(artifact_files(path))
 
 
-def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, force: bool = False) -> Path:
-    """Refuse an OUT that is an input (or holds one), or that exists without ``force``.
+def _inputs_of(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    return [Path(i) for i in inputs if i is not None]
+
+
+def _clashes(out: Path, inputs: list[Path]) -> str | None:
+    """Why ``out`` may not be written, given the command's inputs (None when it may)."""
+    out_abs = out.resolve()
+    for inp in inputs:
+        ip = inp.resolve()
+        if ip == out_abs or out_abs in ip.parents:
+            return f"is the input {inp}{' (or holds it)' if ip != out_abs else ''}"
+        if ip.is_dir() and ip in out_abs.parents:
+            return f"is inside the input {inp}"
+        if out.exists() and inp.exists():
+            try:
+                if os.path.samefile(out, inp):
+                    return f"is the input {inp} (the same file under another name)"
+            except OSError:
+                pass
+    return None
+
+
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, force: bool = False,
+                      need_bytes: int = 0) -> Path:
+    """Refuse an artifact OUT that is (or holds, or is inside) an input, or that exists without ``force``.
 
     With ``force`` an existing OUT is replaced only if it is a sparsify artifact
-    or an empty folder: a user's other files are never deleted.
+    (or an empty folder) holding nothing but an artifact's files: a user's other
+    files are never deleted.  The folder must be writable (with ``need_bytes``
+    free, when given).
     """
     out_p = Path(out)
-    out_abs = out_p.resolve()
-    for inp in inputs:
-        ip = Path(inp).resolve()
-        if ip == out_abs or out_abs in ip.parents:
-            raise InputError(f"output {out} is the input {inp}{' (or holds it)' if ip != out_abs else ''}; "
-                             "choose another output path. sparsify never overwrites its input.")
+    why = _clashes(out_p, _inputs_of(inputs))
+    if why:
+        raise InputError(f"output {out} {why}; choose another output path. sparsify never overwrites its input.")
     if out_p.exists() or out_p.is_symlink():
         if not force:
             raise InputError(f"output {out} exists; pass --force (overwrite=True) to replace it.")
-        if out_p.is_symlink() or not (is_artifact(out_p) or (out_p.is_dir() and not any(out_p.iterdir()))):
-            raise InputError(f"output {out} exists and is not a sparsify artifact; refusing to replace it "
+        if artifact_files(out_p) is None:
+            extra = ""
+            if out_p.is_dir() and not out_p.is_symlink():
+                with_others = sorted(set(os.listdir(out_p)) - set(ARTIFACT_FILES))
+                extra = f" (it holds {with_others[0]!r})" if with_others else ""
+            raise InputError(f"output {out} exists and is not a sparsify artifact{extra}; refusing to replace it "
                              "even with --force. Remove it yourself or choose another path.")
-    if not out_p.parent.resolve().is_dir():
-        raise InputError(f"output {out}: the folder {out_p.parent} does not exist.")
+    _files.check_writable(out_p, "output", need_bytes=need_bytes)
     return out_p
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    """A fresh hidden name beside ``path`` (``.NAME.kind-PID-RANDOM``), not yet created."""
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
-
-
-@contextlib.contextmanager
-def _staging_dir(out: Path):
-    """A temporary folder beside ``out``; removed unless renamed into place."""
-    # The name is chosen before the folder exists, so an interrupt that lands just
-    # after the mkdir (inside tempfile.mkdtemp it would) still knows what to remove.
-    tmp = _sibling(out, "tmp")
-    ours = True
-    try:
-        try:
-            tmp.mkdir(mode=0o700)
-        except FileExistsError:
-            ours = False  # never remove a folder this call did not make
-            raise
-        yield tmp
-    finally:
-        if ours and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    _fsync_dir(tmp)
-    if out.exists():
-        old = _sibling(out, "old")
-        os.rename(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    _fsync_dir(out.parent)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file via a temporary file beside it and ``os.replace``."""
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, force: bool = False,
+                      is_ours: Callable[[Path], bool] | None = None, what: str = "output") -> Path:
+    """The same checks for a single output file (``--report``, ``--json``)."""
     p = Path(path)
-    tmp = _sibling(p, "tmp")
-    ours = True
-    try:
-        try:  # O_EXCL: the name is ours only if this call creates it
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            ours = False
-            raise
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if ours and tmp.exists():
-            tmp.unlink()
+    why = _clashes(p, _inputs_of(inputs))
+    if why:
+        raise InputError(f"{what} {path} {why}; choose another path. sparsify never overwrites its input.")
+    if p.exists() or p.is_symlink():
+        if not force:
+            raise InputError(f"{what} {path} exists; pass --force to replace it.")
+        if p.is_symlink() or not p.is_file() or is_ours is None or not is_ours(p):
+            raise InputError(f"{what} {path} exists and was not written by sparsify; refusing to replace it even "
+                             "with --force. Remove it yourself or choose another path.")
+    _files.check_writable(p, what)
+    return p
+
+
+def write_file(path: str | os.PathLike, data: bytes | str, *, force: bool = False,
+               is_ours: Callable[[Path], bool] | None = None, what: str = "output") -> Path:
+    """Write one output file exclusively (created with the umask's mode; replaced only with ``force`` if ours).
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "out.txt")
+        >>> _ = write_file(f, "hello")
+        >>> write_file(f, "again")
+        Traceback (most recent call last):
+        ...
+        sparsify.errors.InputError: output ... exists; pass --force to replace it.
+    """
+    p = Path(path)
+    if (p.exists() or p.is_symlink()) and not force:
+        raise InputError(f"{what} {p} exists; pass --force to replace it.")
+    pending = _files.PendingFile(p, data.encode() if isinstance(data, str) else data, force=force,
+                                 is_ours=is_ours, what=what)
+    _files.commit_all([pending])
+    return p
 
 
 # ------------------------------------------------------------------------ save
@@ -210,7 +230,29 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, aliases
 
 
-def save(
+def hf_info(module: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds a Hugging Face model: its class name and config (None for other models)."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return None
+    cfg = getattr(module, "config", None)
+    if not isinstance(module, transformers.PreTrainedModel) or not isinstance(cfg, transformers.PretrainedConfig):
+        return None
+    return {"class": type(module).__name__, "config": _jsonable(cfg.to_dict()),
+            "transformers_version": transformers.__version__}
+
+
+def _input_record(x: Any) -> dict[str, Any] | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"save(example_inputs=...): expected tensors (or None). Got {type(x).__name__}.")
+    return {"shape": list(x.shape), "dtype": _dtype_name(x.dtype)}
+
+
+def stage_artifact(
     module: nn.Module,
     path: str | os.PathLike,
     *,
@@ -220,24 +262,9 @@ def save(
     export: bool = True,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
-    before_commit: Callable[[], None] | None = None,
-) -> Path:
-    """Save a converted model as an artifact folder at ``path`` (atomically).
-
-    ``model_spec`` (how to rebuild the original model), ``config`` and
-    ``example_inputs`` are recorded when given; with example inputs and
-    ``export=True`` a ``torch.export`` program is stored too, so ``load`` needs
-    no source.  An existing ``path`` needs ``overwrite=True`` and must be an
-    artifact.  ``before_commit`` is called just before the finished folder is
-    renamed into place (the CLI holds Ctrl-C from there on).
-
-    Example:
-        >>> import torch, sparsify, tempfile, os
-        >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(256, 256)), density=0.5)
-        >>> out = sparsify.save(m, os.path.join(tempfile.mkdtemp(), "m"), export=False)
-        >>> sorted(os.listdir(out))
-        ['manifest.json', 'weights.safetensors']
-    """
+    hf: dict[str, Any] | None = None,
+) -> _files.PendingDir:
+    """Write the artifact into a staging folder beside ``path``; commit it with :func:`sparsify.files.commit_all`."""
     from safetensors.torch import save_file
 
     from . import __version__
@@ -246,43 +273,52 @@ def save(
 
     if not isinstance(module, nn.Module):
         raise InputError(f"save: expected an nn.Module. Got {type(module).__name__}.")
-    out = check_output_path(path, force=overwrite)
+    out = Path(path)
     plan = getattr(module, PLAN_ATTR, None)
     if isinstance(model_spec, ModelSpec):
         model_spec = model_spec.to_dict()
     if config is not None and hasattr(config, "to_dict"):
         config = config.to_dict()
-    if example_inputs is not None and isinstance(example_inputs, torch.Tensor):
+    if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-
+    if example_inputs is not None:
+        example_inputs = tuple(example_inputs)
+        inputs_record = [_input_record(x) for x in example_inputs]
+    else:
+        inputs_record = None
+    hf = hf if hf is not None else hf_info(module)
     state = module.state_dict()
-    # Everything happens inside the staging folder, so an interrupt at any point leaves no OUT.
-    with _staging_dir(out) as tmp:
-        tensors, aliases = _dedupe(dict(state))
-        exported: dict[str, Any] | None = None
-        exported_note = None
-        program = None
+    tensors, aliases = _dedupe(dict(state))
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    check_output_path(out, force=overwrite, need_bytes=need + (1 << 20))
+
+    pending = _files.PendingDir(out, force=overwrite, is_ours=artifact_files, what="output")
+    try:
+        tmp = pending.tmp
+        program: bytes | None = None
+        program_note = None
         if export and example_inputs is None:
-            exported_note = "no example inputs were given, so no program was exported"
+            program_note = "no example inputs were given, so no program was stored"
         elif export:
-            from .exported import export_program
+            from .program import Unsupported, export_program, forward_kwargs_for_export
 
             try:
-                program, ep_state, ep_consts = export_program(module, tuple(example_inputs))
-            except Exception as exc:  # export is optional: record why not
-                exported_note = f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                doc, ptensors = export_program(module, example_inputs, forward_kwargs_for_export(module))
+            except Unsupported as exc:
+                program_note = str(exc)
             else:
-                mapping: dict[str, str] = {}
-                by_ptr = {(t.data_ptr(), tuple(t.shape)): k for k, t in state.items() if t.numel()}
-                for k, t in list(ep_state.items()) + [(f"const:{k}", t) for k, t in ep_consts.items()]:
-                    src = by_ptr.get((t.data_ptr(), tuple(t.shape))) if t.numel() else None
-                    if src is not None:
-                        mapping[k] = aliases.get(src, src)
+                by_view = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                            t.dtype): k for k, t in state.items() if t.numel()}
+                for i, (_, t) in enumerate(ptensors):
+                    key = by_view.get((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                                       tuple(t.stride()), t.dtype)) if t.numel() else None
+                    if key is not None:
+                        key = aliases.get(key, key)
                     else:
-                        key = _EXPORTED_PREFIX + k
+                        key = f"{_PROGRAM_PREFIX}t{i}"
                         tensors[key] = t.detach().to("cpu").contiguous().clone()
-                        mapping[k] = key
-                exported = {"file": PROGRAM_FILE, "tensors": mapping}
+                    doc["tensors"][i]["key"] = key
+                program = json.dumps(doc, separators=(",", ":")).encode()
 
         layouts: dict[str, Any] = {}
         for name, m in module.named_modules():
@@ -300,94 +336,160 @@ def save(
             "torch_version": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": model_spec,
+            "hf": hf,
             "config": _jsonable(config),
-            "inputs": None if example_inputs is None else [
-                {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in example_inputs],
+            "inputs": inputs_record,
             "training": module.training,
             "plan": None if not isinstance(plan, Plan) else {
                 "traced": plan.traced, "capture_note": plan.capture_note, "notes": list(plan.notes),
                 "decisions": [_jsonable(d.to_dict()) for d in plan.decisions]},
             "layouts": layouts,
             "weights": None,
-            "exported": exported,
-            "exported_note": exported_note,
+            "program": None,
+            "program_note": program_note,
             **(extra or {}),
         }
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        manifest["weights"] = {
-            "file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE), "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
-            "tensors": {k: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-                        for k, t in tensors.items()},
-            "aliases": aliases,
-            "state_dict_keys": list(state.keys()),
-        }
-        if program is not None:
-            _write_bytes(tmp / PROGRAM_FILE, program)
-            manifest["exported"]["sha256"] = hashlib.sha256(program).hexdigest()
-            manifest["exported"]["bytes"] = len(program)
-        _write_bytes(tmp / ARTIFACT_MANIFEST, json.dumps(manifest, indent=1).encode())
-        if before_commit is not None:
-            before_commit()
-        _replace_dir(tmp, out)
-    return out
+        try:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            _files.apply_umask(tmp / WEIGHTS_FILE)  # safetensors creates it 0600
+            h, size = hashlib.sha256(), 0
+            with open(tmp / WEIGHTS_FILE, "rb") as f:  # our own file, written an instant ago
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            manifest["weights"] = {
+                "file": WEIGHTS_FILE, "sha256": h.hexdigest(), "bytes": size,
+                "tensors": {k: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)} for k, t in tensors.items()},
+                "aliases": aliases,
+                "state_dict_keys": list(state.keys()),
+            }
+            if program is not None:
+                _files.write_new(tmp / PROGRAM_FILE, program)
+                manifest["program"] = {"file": PROGRAM_FILE, "sha256": hashlib.sha256(program).hexdigest(),
+                                       "bytes": len(program)}
+            _files.write_new(tmp / ARTIFACT_MANIFEST, json.dumps(manifest, indent=1).encode())
+        except OSError as exc:
+            raise InputError(f"output {out}: writing failed ({exc.strerror or exc}); nothing was written.") from None
+        validate_manifest(manifest, str(tmp))  # what we write must be what we read
+    except BaseException:
+        pending.discard()
+        raise
+    return pending
+
+
+def save(
+    module: nn.Module,
+    path: str | os.PathLike,
+    *,
+    model_spec: ModelSpec | dict | None = None,
+    config: Any = None,
+    example_inputs: tuple | None = None,
+    export: bool = True,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a converted model as an artifact folder at ``path`` (atomically, never over anything not ours).
+
+    ``model_spec`` (how to rebuild the original model), ``config`` and
+    ``example_inputs`` are recorded when given.  A Hugging Face model's class and
+    config are recorded too, so ``load`` gives the class back.  With example
+    inputs and ``export=True`` the inference graph is stored in sparsify's own
+    program format, so ``load`` needs no source; a model whose graph cannot be
+    stored is saved without it, with the reason in the manifest.  An example
+    input may be ``None`` (an optional positional argument).  An existing
+    ``path`` needs ``overwrite=True`` and must be a sparsify artifact.
+
+    Example:
+        >>> import torch, sparsify, tempfile, os
+        >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(256, 256)), density=0.5)
+        >>> out = sparsify.save(m, os.path.join(tempfile.mkdtemp(), "m"), export=False)
+        >>> sorted(os.listdir(out))
+        ['manifest.json', 'weights.safetensors']
+    """
+    pending = stage_artifact(module, path, model_spec=model_spec, config=config, example_inputs=example_inputs,
+                             export=export, overwrite=overwrite, extra=extra)
+    _files.commit_all([pending])
+    return Path(path)
 
 
 # ------------------------------------------------------------------------ load
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the artifact at ``path``, checked for format and version."""
+    """The manifest of the artifact at ``path``, checked field by field (see sparsify.manifest)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{path}: no such file or folder.")
-    if not p.is_dir() or not (p / ARTIFACT_MANIFEST).is_file():
+    if not p.is_dir():
+        raise InputError(f"{path}: not a sparsify artifact (not a folder).")
+    if not (p / ARTIFACT_MANIFEST).exists() and not (p / ARTIFACT_MANIFEST).is_symlink():
         raise InputError(f"{path}: not a sparsify artifact (no {ARTIFACT_MANIFEST}).")
-    try:
-        m = json.loads((p / ARTIFACT_MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}/{ARTIFACT_MANIFEST}: corrupted, not valid JSON ({exc}).") from None
+    data = _files.read_regular(p, ARTIFACT_MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
+    m = _files.parse_json(data, f"{path}/{ARTIFACT_MANIFEST}")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InputError(f"{path}/{ARTIFACT_MANIFEST}: not a sparsify manifest (format is not {FORMAT!r}).")
     v = m.get("format_version")
-    if not isinstance(v, int):
-        raise InputError(f"{path}/{ARTIFACT_MANIFEST}: corrupted, no integer format_version.")
-    if v > FORMAT_VERSION:
+    if isinstance(v, int) and not isinstance(v, bool) and v > FORMAT_VERSION:
         raise InputError(f"{path} was written in artifact format version {v} by sparsify "
-                         f"{m.get('sparsify_version', '?')}; this sparsify reads up to version {FORMAT_VERSION}. "
-                         "Upgrade sparsify to load it.")
-    if not isinstance(m.get("weights"), dict) or "sha256" not in m["weights"]:
-        raise InputError(f"{path}/{ARTIFACT_MANIFEST}: corrupted, no weights entry.")
-    return m
+                         f"{str(m.get('sparsify_version', '?'))[:20]}; this sparsify reads up to version "
+                         f"{FORMAT_VERSION}. Upgrade sparsify to load it.")
+    return validate_manifest(m, str(path))
 
 
-def _read_checked(path: Path, entry: dict[str, Any], what: str) -> bytes | None:
-    f = path / entry["file"]
-    if os.path.basename(entry["file"]) != entry["file"]:
-        raise InputError(f"{path}: the manifest names a file outside the artifact ({entry['file']!r}).")
-    if not f.is_file():
-        raise InputError(f"{path}: {entry['file']} is missing; the artifact is incomplete.")
-    size = f.stat().st_size
-    if size != entry.get("bytes", size):
-        raise InputError(f"{f}: {size} bytes, the manifest says {entry['bytes']}: the file is truncated "
-                         "or was replaced. Re-create the artifact.")
-    if _sha256(f) != entry["sha256"]:
-        raise InputError(f"{f}: checksum mismatch (sha256 differs from the manifest's): the {what} are "
+def _check_bytes(path: Path, name: str, data: bytes, entry: dict[str, Any], what: str) -> None:
+    if len(data) != entry["bytes"]:
+        raise InputError(f"{path / name}: {len(data)} bytes, the manifest says {entry['bytes']}: the file is "
+                         "truncated or was replaced. Re-create the artifact.")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise InputError(f"{path / name}: checksum mismatch (sha256 differs from the manifest's): the {what} are "
                          "corrupted. Re-create the artifact.")
-    return None
+
+
+def _check_safetensors_header(path: Path, data: bytes, expected: dict[str, Any]) -> None:
+    """Parse and check the safetensors header ourselves (within limits) before safetensors allocates anything."""
+    where = f"{path / WEIGHTS_FILE}"
+    if len(data) < 8:
+        raise InputError(f"{where}: not a readable safetensors file (too short).")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(_MAX_HEADER, len(data) - 8):
+        raise InputError(f"{where}: not a readable safetensors file (header length {n}).")
+    header = _files.parse_json(data[8:8 + n], f"{where} (header)", max_depth=4)
+    if not isinstance(header, dict):
+        raise InputError(f"{where}: not a readable safetensors file (header is not an object).")
+    header.pop("__metadata__", None)
+    if len(header) > MAX_TENSOR_ENTRIES:
+        raise InputError(f"{where}: {len(header)} tensors, more than {MAX_TENSOR_ENTRIES}.")
+    body = len(data) - 8 - n
+    for k, h in header.items():
+        meta = expected.get(k)
+        if meta is None:
+            raise InputError(f"{where}: tensor {k[:80]!r} is not in the manifest; the artifact is corrupted.")
+        if not isinstance(h, dict) or _ST_DTYPES.get(h.get("dtype")) != meta["dtype"] or h.get("shape") != meta["shape"]:
+            raise InputError(f"{where}: tensor {k[:80]!r} does not match the manifest; the artifact is corrupted.")
+        off = h.get("data_offsets")
+        numel = 1
+        for s in meta["shape"]:
+            numel *= s
+        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
+                                                                   for o in off)
+                or not 0 <= off[0] <= off[1] <= body or off[1] - off[0] != numel * _ITEMSIZE[meta["dtype"]]):
+            raise InputError(f"{where}: tensor {k[:80]!r} has invalid data offsets; the artifact is corrupted.")
+    missing = set(expected) - set(header)
+    if missing:
+        raise InputError(f"{where}: tensor {sorted(missing)[0][:80]!r} is missing; the artifact is corrupted.")
 
 
 def _load_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as st_load
 
     w = manifest["weights"]
-    _read_checked(path, w, "weights")
+    data = _files.read_regular(path, WEIGHTS_FILE, max_bytes=w["bytes"], what="weights file")
+    _check_bytes(path, WEIGHTS_FILE, data, w, "weights")
+    _check_safetensors_header(path, data, w["tensors"])
     try:
-        tensors = load_file(str(path / w["file"]))
+        tensors = st_load(data)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path / w['file']}: not a readable safetensors file ({exc}).") from None
-    for k, meta in w.get("tensors", {}).items():
-        t = tensors.get(k)
-        if t is None or list(t.shape) != meta["shape"] or str(t.dtype).removeprefix("torch.") != meta["dtype"]:
-            raise InputError(f"{path / w['file']}: tensor {k!r} does not match the manifest; the artifact is corrupted.")
+        raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}).") from None
+    del data
     for alias, src in w.get("aliases", {}).items():
         tensors[alias] = tensors[src]
     return tensors
@@ -423,6 +525,17 @@ def _replay_params(d: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def _replay_inputs(manifest: dict[str, Any], where: str) -> tuple | None:
+    recs = manifest.get("inputs")
+    if not recs:
+        return None
+    specs = [None if r is None else InputSpec.from_dict(r, f"{where}/manifest.json: field inputs[{i}]")
+             for i, r in enumerate(recs)]
+    real = make_inputs([s for s in specs if s is not None], int_high=1)
+    it = iter(real)
+    return tuple(None if s is None else next(it) for s in specs)
+
+
 def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
     from .api import sparsify
     from .config import Rule, SparsifyConfig
@@ -432,28 +545,28 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         raise InputError(f"{where}: the artifact holds no plan (decisions), so it cannot be rebuilt from a "
                          "factory; it was not saved from a model made by sparsify().")
     saved = plan["decisions"]
-    rules = []
-    for d in saved:
-        if d["method"] == "dense":
-            rules.append(Rule(_escape_glob(d["name"]), skip=True))
-        else:
-            rules.append(Rule(_escape_glob(d["name"]), method=d["method"], **_replay_params(d)))
-    cfg = manifest.get("config") or {}
-    fold = cfg.get("fold_batchnorm", any(n.startswith("folded BatchNorm") for n in plan.get("notes", [])))
-    config = SparsifyConfig(rules=rules, min_size=0, fold_batchnorm=fold,
-                            fuse_epilogues=cfg.get("fuse_epilogues", True))
-    inputs = None
-    if manifest.get("inputs"):
-        inputs = make_inputs([InputSpec.from_dict(s) for s in manifest["inputs"]], int_high=1)
+    try:
+        rules = []
+        for d in saved:
+            if d["method"] == "dense":
+                rules.append(Rule(_escape_glob(d["name"]), skip=True))
+            else:
+                rules.append(Rule(_escape_glob(d["name"]), method=d["method"], **_replay_params(d)))
+        cfg = manifest.get("config") or {}
+        fold = cfg.get("fold_batchnorm", any(n.startswith("folded BatchNorm") for n in plan.get("notes", [])))
+        fuse = cfg.get("fuse_epilogues", True)
+        config = SparsifyConfig(rules=rules, min_size=0, fold_batchnorm=fold if isinstance(fold, bool) else True,
+                                fuse_epilogues=fuse if isinstance(fuse, bool) else True)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{where}: the saved plan cannot be replayed: {exc}") from None
+    inputs = _replay_inputs(manifest, where)
     model.train(bool(manifest.get("training", False)))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the capture warning was shown when the model was converted
         try:
             rebuilt = sparsify(model, config, example_inputs=inputs, inplace=True)
         except ValueError as exc:
-            raise InputError(f"{where}: the factory's model does not fit the artifact: {exc}") from exc
+            raise InputError(f"{where}: the model does not fit the artifact: {exc}") from exc
     new = rebuilt._sparsify_plan.decisions
     key = lambda d: (d["name"], d["method"], list(d["weight_shape"]))  # noqa: E731
     old_k = [key(d) for d in saved]
@@ -471,11 +584,14 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         extra = sorted(set(have) - set(sd_keys))
         raise InputError(f"{where}: the factory's model has different tensors than the saved one "
                          f"(saved only: {missing[:3]}, factory only: {extra[:3]}). Use the original factory.")
-    sd = {k: tensors[k] for k in (sd_keys or have)}
+    try:
+        sd = {k: tensors[k] for k in (sd_keys or have)}
+    except KeyError as exc:
+        raise InputError(f"{where}: the weights lack the tensor {exc.args[0]!r}; the artifact is corrupted.") from None
     try:
         rebuilt.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
-        raise InputError(f"{where}: the saved weights do not fit the factory's model: "
+        raise InputError(f"{where}: the saved weights do not fit the model: "
                          f"{str(exc).strip().splitlines()[-1].strip()}") from exc
     rebuilt.train(bool(manifest.get("training", False)))
     _attach_plan(rebuilt, manifest)  # the original decisions and reasons, not the replay's
@@ -505,15 +621,17 @@ def load(
     factory_args: Any = None,
     source: str = "auto",
 ) -> nn.Module:
-    """Load an artifact written by :func:`save`.  Nothing is unpickled.
+    """Load an artifact written by :func:`save`.  Nothing is unpickled, imported or evaluated from the files.
 
     ``source="auto"`` rebuilds from ``factory`` when one is given (a MODEL
     string such as ``"pkg.mod:make"``, a callable, or a freshly built original
-    model), else from the stored exported program.  The factory path returns
-    the full converted model (trainable, ``densify``-able); the exported path
-    an inference module (eval mode) that needs no source code.  The factory
-    recorded in the manifest is never run on its own: it is code named by a
-    file, so pass it explicitly if you trust the artifact.
+    model); else, for a Hugging Face model, from its recorded class and config
+    (``source="hf"``: the class is found only in transformers' own registry);
+    else from the stored program (``source="program"``).  The factory and HF
+    paths return the full converted model (trainable, ``densify``-able, of its
+    own class); the program path an inference module that needs no source
+    code.  A factory recorded in the manifest is never run on its own: it is
+    code named by a file, so pass it explicitly if you trust the artifact.
 
     Example:
         >>> import torch, sparsify, tempfile, os
@@ -524,22 +642,25 @@ def load(
         True
     """
     p = Path(path)
+    if source == "exported":  # the name format 1 used
+        source = "program"
+    if source not in ("auto", "factory", "program", "hf"):
+        raise InputError(f"load(source={source!r}): expected 'auto', 'factory', 'hf' or 'program'.")
     manifest = read_manifest(p)
-    if source not in ("auto", "factory", "exported"):
-        raise InputError(f"load(source={source!r}): expected 'auto', 'factory' or 'exported'.")
-    tensors = _load_tensors(p, manifest)
-    exported = manifest.get("exported")
     spec = manifest.get("model") or {}
-    if source == "exported" or (source == "auto" and factory is None):
-        if not exported:
-            why = manifest.get("exported_note") or "it was saved without one"
-            rec = spec.get("target_abs") or spec.get("target")
-            hint = (f" It was converted from {rec}: if you trust this artifact, pass that factory: "
-                    f"sparsify.load({str(path)!r}, factory={rec!r}) (CLI: --factory {rec}).") if rec else \
-                " Pass the factory that builds the original model: sparsify.load(path, factory=...)."
-            raise InputError(f"{path} has no exported program ({why}), so it must be rebuilt from the "
-                             f"original model's factory.{hint}")
-        return _load_exported(p, manifest, tensors)
+    if source == "auto":
+        source = "factory" if factory is not None else ("hf" if manifest.get("hf") else "program")
+    if source == "program":
+        return _load_program(p, manifest)
+    if source == "hf":
+        if not manifest.get("hf"):
+            raise InputError(f"{path} is not a Hugging Face model (no class and config recorded).")
+        from .model_spec import build_hf_model
+
+        h = manifest["hf"]
+        model = build_hf_model(h["config"], h["class"], f"{path}/{ARTIFACT_MANIFEST}: field hf",
+                               seed=int(spec.get("seed", 0)))
+        return _rebuild(manifest, model, _load_tensors(p, manifest), str(path))
     if factory is None:
         raise InputError(f"load({str(path)!r}, source='factory') needs factory=: the recorded one is "
                          f"{spec.get('target')!r}; pass it if you trust the artifact.")
@@ -559,37 +680,52 @@ def load(
             raise InputError(f"load(factory=...): the factory returned a {type(model).__name__}, expected an nn.Module.")
     else:
         raise InputError(f"load(factory=...): expected a MODEL string, a callable or an nn.Module. Got {type(factory).__name__}.")
-    return _rebuild(manifest, model, tensors, where)
+    return _rebuild(manifest, model, _load_tensors(p, manifest), where)
 
 
 def _same_target(factory: str, spec: dict[str, Any]) -> bool:
     return factory in (spec.get("target"), spec.get("target_abs"))
 
 
-def _load_exported(p: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    from . import exported as exp
+def _load_program(p: Path, manifest: dict[str, Any]) -> nn.Module:
+    from .program import build_program
 
-    entry = manifest["exported"]
-    _read_checked(p, entry, "exported program")
-    data = (p / entry["file"]).read_bytes()
-    if (manifest.get("model") or {}).get("kind") == "hf":
-        with contextlib.suppress(ImportError):
-            import transformers  # noqa: F401  (registers its output types with torch's pytree)
-    state, consts = {}, {}
-    for k, src in entry["tensors"].items():
-        if src not in tensors:
-            raise InputError(f"{p}: the exported program needs tensor {src!r}, which the weights lack; corrupted.")
-        if k.startswith("const:"):
-            consts[k[len("const:"):]] = tensors[src]
-        else:
-            state[k] = tensors[src]
+    spec = manifest.get("model") or {}
+    rec = spec.get("target_abs") or spec.get("target")
+    hint = (f" It was converted from {rec}: if you trust this artifact, pass that factory: "
+            f"sparsify.load({str(p)!r}, factory={rec!r}) (CLI: --factory {rec}).") if rec and spec.get(
+        "kind") == "factory" else " Pass the factory that builds the original model: sparsify.load(path, factory=...)."
+    if manifest["format_version"] < 2 and manifest.get("exported"):
+        raise InputError(f"{p} stores its program in format 1 (torch's private serde JSON), which sparsify no "
+                         "longer loads because a crafted one could run code. Load it from the original factory and "
+                         f"save it again to get a format-2 program: sparsify.save(sparsify.load({str(p)!r}, "
+                         "factory=...), NEW_PATH, example_inputs=...) (CLI: sparsify convert MODEL -o NEW_PATH).")
+    entry = manifest.get("program")
+    if not entry:
+        why = manifest.get("program_note") or manifest.get("exported_note") or "it was saved without one"
+        raise InputError(f"{p} has no stored program ({why}), so it must be rebuilt from the original model's "
+                         f"factory.{hint}")
+    data = _files.read_regular(p, PROGRAM_FILE, max_bytes=MAX_PROGRAM_BYTES, what="program")
+    _check_bytes(p, PROGRAM_FILE, data, entry, "program")
+    doc = _files.parse_json(data, f"{p / PROGRAM_FILE}")
+    del data
+    entries = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise InputError(f"{p / PROGRAM_FILE}: field tensors: expected a list.")
+    tensors = _load_tensors(p, manifest)
+    picked = []
+    for i, e in enumerate(entries):
+        key = e.get("key") if isinstance(e, dict) else None
+        t = tensors.get(key) if isinstance(key, str) else None
+        if t is None:
+            raise InputError(f"{p / PROGRAM_FILE}: field tensors[{i}].key: names no tensor of the weights file.")
+        if (e.get("dtype", _dtype_name(t.dtype)) != _dtype_name(t.dtype)
+                or e.get("shape", list(t.shape)) != list(t.shape)):
+            raise InputError(f"{p / PROGRAM_FILE}: field tensors[{i}]: dtype or shape differs from the stored tensor.")
+        picked.append(t)
     try:
-        module = exp.program_from_json(data, state, consts)
+        module = build_program(doc, picked)
     except InputError as exc:
-        raise InputError(f"{p / entry['file']}: {exc}") from None
-    except Exception as exc:
-        raise InputError(f"{p / entry['file']}: torch {torch.__version__} could not load the exported program "
-                         f"({type(exc).__name__}: {str(exc).strip()[:200]}); it was saved with torch "
-                         f"{manifest.get('torch_version')}. Rebuild from the factory instead (factory=...).") from exc
+        raise InputError(f"{p}/{exc}") from None
     _attach_plan(module, manifest)
     return module

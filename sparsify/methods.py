@@ -23,8 +23,8 @@ def _density(v: Any) -> None:
 
 
 def _block_size(v: Any) -> None:
-    if isinstance(v, bool) or v not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"expected one of {SUPPORTED_BLOCK_SIZES}; got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v not in SUPPORTED_BLOCK_SIZES:  # 32.0 is not an int
+        raise ValueError(f"expected an integer, one of {SUPPORTED_BLOCK_SIZES}; got {v!r}")
 
 
 def _rank(v: Any) -> None:
@@ -64,8 +64,8 @@ def _energy(v: Any) -> None:
 def _compression(v: Any) -> None:
     if v is None:
         return
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 1.0:
-        raise ValueError(f"expected a reduction factor > 1; got {v!r}. 4.0 keeps a quarter of the parameters")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 < float(v) < float("inf"):
+        raise ValueError(f"expected a finite reduction factor > 1; got {v!r}. 4.0 keeps a quarter of the parameters")
 
 
 def _flag(v: Any) -> None:

@@ -75,29 +75,51 @@ class InputSpec:
         return {"shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
-        return cls(tuple(int(s) for s in d["shape"]), str(d.get("dtype", "float32")))
+    def from_dict(cls, d: Any, where: str = "input spec") -> InputSpec:
+        """An input spec read from a file, held to the same checks as ``--input-shape``."""
+        if not isinstance(d, dict) or not isinstance(d.get("shape"), list):
+            raise InputError(f"{where}: expected {{\"shape\": [...], \"dtype\": ...}}.")
+        shape, dtype = d["shape"], d.get("dtype", "float32")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape) or not isinstance(dtype, str):
+            raise InputError(f"{where}: the shape must be integers and the dtype a string.")
+        return _checked_spec(tuple(shape), dtype, where, f"{','.join(map(str, shape))}:{dtype}"[:80])
 
     def __str__(self) -> str:
         s = ",".join(map(str, self.shape))
         return s if self.dtype == "float32" else f"{s}:{self.dtype}"
 
 
+#: The most elements one random test input may have (1 GiB of float32): ``--input-shape`` and an
+#: artifact's recorded inputs alike, so a manifest cannot make ``verify`` allocate terabytes.
+MAX_INPUT_ELEMENTS = 2**28
+#: The most dimensions one input may have.
+MAX_INPUT_DIMS = 16
+
+
+def _checked_spec(shape: tuple, dtype: str, where: str, text: str) -> InputSpec:
+    dtype = dtype.strip().lower() or "float32"
+    if dtype not in _DTYPES:
+        raise InputError(f"{where} {text!r}: unknown dtype {dtype[:20]!r}. Use one of: "
+                         f"{', '.join(sorted(set(_DTYPES)))}.")
+    if not shape or len(shape) > MAX_INPUT_DIMS or any(s < 1 for s in shape):
+        raise InputError(f"{where} {text!r}: expected 1 to {MAX_INPUT_DIMS} sizes >= 1, e.g. 8,3,224,224.")
+    if any(s > MAX_INPUT_ELEMENTS for s in shape) or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise InputError(f"{where} {text!r}: more than {MAX_INPUT_ELEMENTS} elements is too large for a random "
+                         "test input; give a smaller shape (--input-shape).")
+    return InputSpec(tuple(int(s) for s in shape), _dtype_name(_DTYPES[dtype]))
+
+
 def parse_input_spec(text: str, where: str = "--input-shape") -> InputSpec:
     """``"8,3,224,224"`` or ``"2,16:int64"`` -> :class:`InputSpec`."""
     shape_text, _, dtype = text.strip().partition(":")
-    dtype = dtype.strip().lower() or "float32"
-    if dtype not in _DTYPES:
-        raise InputError(f"{where} {text!r}: unknown dtype {dtype!r}. Use one of: {', '.join(sorted(set(_DTYPES)))}.")
+    parts = shape_text.split(",")
+    if len(parts) > MAX_INPUT_DIMS or any(len(p.strip()) > 12 for p in parts):
+        raise InputError(f"{where} {text[:80]!r}: expected 1 to {MAX_INPUT_DIMS} sizes, e.g. 8,3,224,224.")
     try:
-        shape = tuple(int(s) for s in shape_text.split(","))
+        shape = tuple(int(s) for s in parts)
     except ValueError:
         raise InputError(f"{where} {text!r}: expected comma-separated integers, e.g. 8,3,224,224.") from None
-    if not shape or any(s < 1 for s in shape):
-        raise InputError(f"{where} {text!r}: expected one or more sizes >= 1, e.g. 8,3,224,224.")
-    if math.prod(shape) > 2**31:
-        raise InputError(f"{where} {text!r}: {math.prod(shape)} elements is too large for a random test input.")
-    return InputSpec(shape, _dtype_name(_DTYPES[dtype]))
+    return _checked_spec(shape, dtype, where, text)
 
 
 def make_inputs(specs: list[InputSpec], *, seed: int = 0, int_high: int = 2) -> tuple[torch.Tensor, ...]:
@@ -105,7 +127,9 @@ def make_inputs(specs: list[InputSpec], *, seed: int = 0, int_high: int = 2) -> 
     g = torch.Generator().manual_seed(seed)
     out = []
     for s in specs:
-        if s.torch_dtype.is_floating_point:
+        if s is None:  # an optional positional input that was None
+            out.append(None)
+        elif s.torch_dtype.is_floating_point:
             out.append(torch.randn(s.shape, generator=g).to(s.torch_dtype))
         else:
             out.append(torch.randint(0, max(1, int_high), s.shape, generator=g, dtype=s.torch_dtype))
@@ -213,29 +237,128 @@ class ModelSpec:
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
             raise InputError(f"--hf {self.target}: no such file{' (no config.json in the folder)' if path.is_dir() else ''}.")
-        try:
-            cfg_dict = json.loads(cfg_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"--hf {cfg_file}: not a readable JSON config ({exc}).") from None
+        from .files import parse_json, read_regular
+
+        cfg_dict = parse_json(read_regular(cfg_file.parent, cfg_file.name, max_bytes=16 * 2**20, what="config"),
+                              f"--hf {cfg_file}")
         if not isinstance(cfg_dict, dict) or "model_type" not in cfg_dict:
             raise InputError(f"--hf {cfg_file}: no \"model_type\" key; expected a Hugging Face config.json.")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            import transformers
-        except ImportError:
-            raise InputError("--hf needs the transformers package: pip install 'sparsify[hf]'.") from None
-        try:
-            config = transformers.AutoConfig.for_model(**cfg_dict)
-            model = transformers.AutoModel.from_config(config)
-        except Exception as exc:
-            raise InputError(f"--hf {cfg_file}: transformers could not build a model from it "
-                             f"({type(exc).__name__}: {_first_line(exc)}).") from exc
+        archs = cfg_dict.get("architectures")
+        name = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+        model = build_hf_model(cfg_dict, name, f"--hf {cfg_file}", seed=None)
+        config = model.config
         self.int_high = int(getattr(config, "vocab_size", 2) or 2)
-        self.default_inputs = [InputSpec((2, 16), "int64")]
+        self.default_inputs = _hf_default_inputs(model)
         if self.weights:
             _load_weights(model, self.weights, str(cfg_file))
         return model
+
+
+#: Config keys that make transformers fetch or run code from elsewhere; refused in any config sparsify reads.
+_HF_REFUSED = {
+    "auto_map": "it names remote code",
+    "trust_remote_code": "sparsify never trusts remote code",
+    "quantization_config": "quantizers load extra code and weights",
+    "use_pretrained_backbone": "it downloads a backbone's weights",
+}
+_HF_ATTENTION = {None, "eager", "sdpa"}
+
+
+def _check_hf_config(d: Any, where: str, depth: int = 0) -> None:
+    if depth > 8:
+        raise InputError(f"{where}: sub-configs nested deeper than 8.")
+    for k, v in d.items():
+        if k in _HF_REFUSED and v not in (None, False, {}, []):
+            raise InputError(f"{where}: key {k!r} is refused ({_HF_REFUSED[k]}).")
+        if k in ("attn_implementation", "_attn_implementation") and v not in _HF_ATTENTION:
+            raise InputError(f"{where}: {k}={str(v)[:40]!r} is refused; sparsify builds with 'eager' or 'sdpa' only "
+                             "(other implementations may fetch kernels).")
+        if k in ("dtype", "torch_dtype") and v is not None and v not in _DTYPES and v != "auto":
+            raise InputError(f"{where}: {k}={str(v)[:40]!r} is not a dtype name.")
+        if isinstance(v, dict):
+            _check_hf_config(v, f"{where}.{k}", depth + 1)
+
+
+def _hf_mappings() -> list[Any]:
+    """transformers' own auto-class registries (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, ...)."""
+    import re
+
+    from transformers.models.auto import modeling_auto
+
+    names = sorted(n for n in dir(modeling_auto) if re.fullmatch(r"MODEL_(FOR_[A-Z0-9_]+_|WITH_LM_HEAD_)?MAPPING", n))
+    names.remove("MODEL_MAPPING")
+    return [modeling_auto.MODEL_MAPPING] + [getattr(modeling_auto, n) for n in names]
+
+
+def hf_model_class(config: Any, class_name: str | None, where: str) -> type:
+    """The model class ``class_name`` for ``config``, found only among the values of transformers'
+    auto-class registries for that config class (never imported by name); the base model when None."""
+    candidates: list[type] = []
+    for mapping in _hf_mappings():
+        try:
+            found = mapping[type(config)]
+        except Exception:  # not registered for this config class, or its module needs a missing package
+            continue
+        for c in found if isinstance(found, (tuple, list)) else (found,):
+            if class_name is None:
+                return c
+            if isinstance(c, type) and c.__name__ == class_name:
+                return c
+            if isinstance(c, type) and c not in candidates:
+                candidates.append(c)
+    if class_name is None:
+        raise InputError(f"{where}: transformers has no model class for {type(config).__name__}.")
+    known = ", ".join(sorted(c.__name__ for c in candidates)[:12]) or "none"
+    raise InputError(f"{where}: {class_name[:80]!r} is not a model class transformers registers for "
+                     f"{type(config).__name__} (registered: {known}).")
+
+
+def build_hf_model(config_dict: Any, class_name: str | None, where: str, *, seed: int | None = 0) -> nn.Module:
+    """Build a Hugging Face model from a config dict and a class name, offline, without remote code.
+
+    The config is checked for keys that fetch or run code (:data:`_HF_REFUSED`),
+    the class is looked up by :func:`hf_model_class`, and the model is built
+    with random weights (under ``torch.manual_seed(seed)`` unless seed is None).
+    """
+    if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
+        raise InputError(f"{where}: no \"model_type\" key; expected a Hugging Face config.")
+    _check_hf_config(config_dict, where)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("Hugging Face models need the transformers package: pip install 'sparsify[hf]'.") from None
+    try:
+        config = transformers.AutoConfig.for_model(**config_dict)
+    except Exception as exc:
+        raise InputError(f"{where}: transformers could not read the config ({type(exc).__name__}: "
+                         f"{_first_line(exc)[:200]}).") from None
+    cls = hf_model_class(config, class_name, where)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = cls(config)
+    except Exception as exc:
+        raise InputError(f"{where}: transformers could not build {cls.__name__} from the config "
+                         f"({type(exc).__name__}: {_first_line(exc)[:200]}).") from exc
+    return model
+
+
+def _hf_default_inputs(model: nn.Module) -> list[InputSpec]:
+    """Random inputs for a Hugging Face model's main input, from its config (none if unknown)."""
+    cfg = model.config
+    name = getattr(model, "main_input_name", "input_ids")
+    if name == "input_ids":
+        return [InputSpec((2, 16), "int64")]
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+        return [InputSpec((2, int(getattr(cfg, "num_channels", 3)), int(h), int(w)))]
+    if name == "input_values":
+        return [InputSpec((2, 4000))]
+    return []
 
 
 def _first_line(exc: BaseException) -> str:
@@ -264,13 +387,28 @@ def _load_weights(model: nn.Module, path: str, what: str) -> None:
         sd = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"--weights {path}: not a readable safetensors file ({_first_line(exc)}).") from None
-    result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        miss, extra = result.missing_keys, result.unexpected_keys
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise InputError(f"--weights {path} does not fit {what}: {(lines or [_first_line(exc)])[0][:300]}") from None
+    # As transformers does: a checkpoint may carry a buffer the model does not persist (a stale
+    # ``embeddings.position_ids``), and may omit a weight tied to one it has (an LM head).
+    persistent = set(model.state_dict().keys())
+    non_persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - persistent
+    extra = [k for k in result.unexpected_keys if k not in non_persistent]
+    loaded = set(sd) & persistent
+    names_of: dict[int, list[str]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(t), []).append(n)
+    tied_ok = {n for names in names_of.values() if set(names) & loaded for n in names}
+    miss = [k for k in result.missing_keys if k not in tied_ok]
+    if miss or extra:
         raise InputError(
             f"--weights {path} does not fit {what}: {len(miss)} missing keys"
-            f"{' (e.g. ' + miss[0] + ')' if miss else ''}, {len(extra)} unexpected"
-            f"{' (e.g. ' + extra[0] + ')' if extra else ''}. Check that the weights belong to this model."
+            f"{' (' + ', '.join(miss[:3]) + (' ...' if len(miss) > 3 else '') + ')' if miss else ''}, "
+            f"{len(extra)} unexpected{' (' + ', '.join(extra[:3]) + (' ...' if len(extra) > 3 else '') + ')' if extra else ''}."
+            " Check that the weights belong to this model."
         )
 
 

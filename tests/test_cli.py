@@ -43,12 +43,12 @@ def test_mlp_convert_inspect_verify_bench(tmp_path, capsys):
 
     rc, o, e = run(capsys, "inspect", out)
     assert rc == 0, e
-    assert "exported program: yes" in o and "density=0.5" in o
+    assert "stored program: yes" in o and "density=0.5" in o
 
     rc, o, e = run(capsys, "verify", out, "--against", f"{ZOO}:mlp")
     assert rc == 0, e
     assert "equals its dense reference: yes" in o
-    assert "exported program vs rebuilt model" in o and "(equal)" in o
+    assert "stored program vs rebuilt model" in o and "(equal)" in o
 
     bench_json = tmp_path / "bench.json"
     rc, o, e = run(capsys, "bench", out, "--factory", f"{ZOO}:mlp", "--repeat", "3", "--warmup", "1",
@@ -93,7 +93,7 @@ def test_report_without_matplotlib_says_how_to_get_pictures(tmp_path, capsys, mo
                    "--report", tmp_path / "r.html")
     assert rc == 0, e
     assert "pip install &#x27;sparsify[report]&#x27;" in (tmp_path / "r.html").read_text()
-    assert "no exported program" in o
+    assert "no program" in o
 
 
 def test_hugging_face_model_from_config(tmp_path, capsys):
