@@ -9,6 +9,8 @@ is validated when the config is built, before any model is touched.
 from __future__ import annotations
 
 import fnmatch
+import math
+import warnings
 from typing import Any
 
 from torch import nn
@@ -22,6 +24,8 @@ DEFAULT_MIN_SIZE = 128 * 128
 
 
 def _check_method(method: str, where: str) -> None:
+    if not isinstance(method, str):
+        raise ValueError(f"{where}: invalid method={method!r}: expected a method name (a string).")
     if method not in METHODS:
         known = ", ".join(sorted(METHODS))
         raise ValueError(f"{where}: unknown method {method!r}. Known methods: {known}.")
@@ -29,6 +33,52 @@ def _check_method(method: str, where: str) -> None:
 
 def _type_name(t: str | type) -> str:
     return t if isinstance(t, str) else t.__name__
+
+
+# ------------------------------------------------------------------ validation
+# The types of the config's own options and of a rule's fields, one entry each: adding an
+# option is one line here (a method's parameters are validated by methods.PARAM_VALIDATORS).
+def _is_flag(v: Any) -> bool:
+    return isinstance(v, bool)  # never "false" / "no" / 0: a string or a number is refused, not read as truthy
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0  # 32.0 is refused, not truncated
+
+
+def _is_types(v: Any) -> bool:
+    items = v if isinstance(v, (tuple, list)) else (v,)
+    return v is None or (len(items) > 0 and all(
+        (isinstance(t, str) and t.strip() != "") or isinstance(t, type) for t in items))
+
+
+#: SparsifyConfig's own options: (check, what is expected).
+CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
+    "min_size": (_is_count, "an integer >= 0 (weight elements)"),
+    "strict": (_is_flag, "True or False"),
+    "fold_batchnorm": (_is_flag, "True or False"),
+    "fuse_epilogues": (_is_flag, "True or False"),
+}
+#: A Rule's own fields (its other keyword arguments are method parameters).
+RULE_FIELDS: dict[str, tuple[Any, str]] = {
+    "pattern": (lambda v: v is None or (isinstance(v, str) and v != ""), "a glob over qualified layer names"),
+    "type": (_is_types, "a layer type name, a class, or a list of them"),
+    "method": (lambda v: v is None or isinstance(v, str), "a method name"),
+    "skip": (_is_flag, "True or False"),
+}
+
+
+def _check_field(table: dict[str, tuple[Any, str]], name: str, value: Any, where: str) -> None:
+    check, expected = table[name]
+    if not check(value):
+        raise ValueError(f"{where}: invalid {name}={value!r}: expected {expected}.")
+
+
+def check_param(name: str, value: Any, where: str) -> None:
+    """A method parameter: finite if a number (no nan / inf anywhere), then its own validator."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: invalid {name}={value!r}: expected a finite number.")
+    validate_param(name, value, where)
 
 
 class Rule:
@@ -49,8 +99,10 @@ class Rule:
         skip: bool = False,
         **params: Any,
     ) -> None:
+        for field, value in (("pattern", pattern), ("type", type), ("method", method), ("skip", skip)):
+            _check_field(RULE_FIELDS, field, value, "Rule")
         self.pattern = pattern
-        types = type if isinstance(type, tuple) else ((type,) if type is not None else ())
+        types = tuple(type) if isinstance(type, (tuple, list)) else ((type,) if type is not None else ())
         self.types = tuple(_type_name(t) for t in types)
         self.method = method
         self.skip = bool(skip)
@@ -61,7 +113,7 @@ class Rule:
         if method is not None:
             _check_method(method, where)
         for k, v in self.params.items():
-            validate_param(k, v, where)
+            check_param(k, v, where)
         if method is not None:
             extra = sorted(set(self.params) - set(METHODS[method].defaults))
             if extra:
@@ -142,25 +194,46 @@ class SparsifyConfig:
         **params: Any,
     ) -> None:
         _check_method(method, "SparsifyConfig(method=...)")
+        for field, value in (("min_size", min_size), ("strict", strict), ("fold_batchnorm", fold_batchnorm),
+                             ("fuse_epilogues", fuse_epilogues)):
+            _check_field(CONFIG_FIELDS, field, value, "SparsifyConfig")
         self.method = method
+        if not isinstance(rules, (list, tuple)):
+            raise ValueError(f"SparsifyConfig: invalid rules={rules!r}: expected a list of Rule.")
         self.rules = list(rules)
         for i, r in enumerate(self.rules):
             if not isinstance(r, Rule):
                 raise ValueError(f"SparsifyConfig(rules=...): rule {i} is a {type(r).__name__}, expected a Rule.")
-        if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-            raise ValueError(f"SparsifyConfig: invalid min_size={min_size!r}: expected an int >= 0 (weight elements).")
         self.min_size = min_size
-        self.strict = bool(strict)
-        self.fold_batchnorm = bool(fold_batchnorm)
-        self.fuse_epilogues = bool(fuse_epilogues)
+        self.strict = strict
+        self.fold_batchnorm = fold_batchnorm
+        self.fuse_epilogues = fuse_epilogues
         for k, v in params.items():
-            validate_param(k, v, "SparsifyConfig")
+            check_param(k, v, "SparsifyConfig")
+        self._check_shadowed()
         self.params = dict(params)
         # The default method must be usable without a rule supplying its parameters.
         self.params_for(method, where="SparsifyConfig")
         for r in self.rules:
             if r.method is not None:
                 self.params_for(r.method, r.params, where=repr(r))
+
+    def _check_shadowed(self) -> None:
+        """A rule that can match only layers an earlier rule already takes never applies: say so
+        (an error under ``strict``, else a warning), instead of "matches no layer" later."""
+        for j, later in enumerate(self.rules):
+            for i, earlier in enumerate(self.rules[:j]):
+                same_or_any_name = earlier.pattern in (None, "*", later.pattern)
+                types_covered = not earlier.types or (later.types and set(later.types) <= set(earlier.types))
+                if same_or_any_name and types_covered and (earlier.pattern is None or later.pattern is not None
+                                                           or earlier.pattern == "*"):
+                    msg = (f"SparsifyConfig: rule #{j + 1} {later!r} is shadowed by rule #{i + 1} {earlier!r}: "
+                           "every layer it matches is matched first by that rule, so it never applies. "
+                           "Remove it or move it before the other rule.")
+                    if self.strict:
+                        raise ValueError(msg)
+                    warnings.warn(msg, stacklevel=3)
+                    break
 
     def params_for(self, method: str, overrides: dict[str, Any] | None = None, *, where: str = "config") -> dict[str, Any]:
         """The parameters of ``method``: its defaults, then the config's, then ``overrides``."""
