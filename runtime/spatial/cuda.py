@@ -198,15 +198,16 @@ def _emulated_runtime_class():
         """The spatial kernels built for the host and run by the CUDA emulator."""
 
         def kernel(self, spec: SpatialKernel):
-            prog = self._programs.get(spec.name)
+            # One host build per math path: the same compile unit NVRTC gets.
+            source_prog = program_for(spec.math)
+            prog = self._programs.get(source_prog.name)
             if prog is None:
                 from ..cuda.compiler import SRC_DIR
                 from ..emulator import build
 
-                source = f'// {spec.name}: emulated\n#include "spatial.cuh"\n{spec.macro()}\n'
-                prog = build(source, name=spec.name, include_dirs=(str(self.src_dir or SRC_DIR),))
+                prog = build(source_prog.source(), name=source_prog.name, include_dirs=(str(self.src_dir or SRC_DIR),))
                 with self._lock:
-                    self._programs[spec.name] = prog
+                    self._programs[source_prog.name] = prog
             return prog
 
     return EmulatedSpatialRuntime
