@@ -40,6 +40,13 @@ def convert(model, inputs, **kw):
         return sparsify.sparsify(model, example_inputs=inputs, min_size=0, **kw)
 
 
+def all_outputs(model, inputs) -> torch.Tensor:
+    """A scalar that depends on every floating output of the model."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().pow(2).mean() for t in leaves)
+
+
 def rewritten(model) -> list:
     return [d for d in model._sparsify_plan.decisions if d.rewrites]
 
@@ -62,13 +69,19 @@ def test_whole_model_block_sparse(name, tmp_path):
     assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
 
     # every 2-D or conv weight of the model has a row in the report, with a reason
-    rows = {d.name: d for d in full._sparsify_plan.decisions}
-    covered = set(rows) | {d.name.rpartition(".")[0] for d in rows.values()}
-    for pname, p in model.named_parameters():
+    rows = {d.name for d in full._sparsify_plan.decisions}
+    names: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
+
+    def has_row(pname: str) -> bool:
+        owner = pname.rpartition(".")[0]
+        return pname in rows or owner in rows or any(r.startswith(owner + ".") and r.endswith("_proj")
+                                                       for r in rows)
+
+    for p in model.parameters():
         if p.dim() >= 2:
-            owner = pname.rpartition(".")[0]
-            assert pname in rows or owner in covered or any(
-                r.startswith(owner + ".") and r.endswith("_proj") for r in rows), pname
+            assert any(has_row(n) for n in names[id(p)]), names[id(p)]
     assert all(d.reason for d in full._sparsify_plan.decisions)
 
     if entry.linear_sites == 0:
@@ -82,12 +95,13 @@ def test_whole_model_block_sparse(name, tmp_path):
         y = output_of(sparse, inputs)
         assert rel(y, output_of(dense, inputs)) < REL
     layers = [m for m in sparse.modules() if isinstance(m, BlockSparseLinear)]
-    assert layers and all(m.density < 0.5 for m in layers)
+    # at least one block per block row: small layers keep more than asked
+    assert layers and all(m.density <= 0.5 for m in layers) and any(m.density <= 0.25 for m in layers)
     sparse.train()
     opt = torch.optim.SGD(sparse.parameters(), lr=1e-2)
     before = [m.values.detach().clone() for m in layers]
-    output_of(sparse, inputs).float().pow(2).mean().backward()
-    for m in layers:
+    all_outputs(sparse, inputs).backward()
+    for m in layers:  # every layer is on the path to some output (poolers included)
         assert m.values.grad is not None and m.values.grad.shape == m.values.shape
     opt.step()
     assert any(not torch.equal(b, m.values) for b, m in zip(before, layers))
