@@ -120,3 +120,37 @@ def test_encoder_layer_fast_path_is_not_taken_around_rewritten_projections():
     assert calls, "the projections were bypassed"
     with torch.no_grad():
         assert rel(y, sparsify.densify(sparse)(x)) < 1e-5
+
+
+class _Stack(nn.Module):
+    def __init__(self, layer: nn.Module, decoder: bool):
+        super().__init__()
+        self.layer, self.decoder = layer, decoder
+
+    def forward(self, x, memory):
+        return self.layer(x, memory) if self.decoder else self.layer(x)
+
+
+@settings(max_examples=12, deadline=None)
+@given(decoder=st.booleans(), heads=st.sampled_from([2, 4]), head_dim=st.sampled_from([8, 16]),
+       ff=st.sampled_from([32, 64]), norm_first=st.booleans(), batch_first=st.booleans(),
+       activation=st.sampled_from(["relu", "gelu"]), bias=st.booleans(),
+       method=st.sampled_from(["block_sparse", "low_rank"]), seed=st.integers(0, 2**16))
+def test_any_torch_transformer_layer_converts_whole(decoder, heads, head_dim, ff, norm_first, batch_first,
+                                                    activation, bias, method, seed):
+    torch.manual_seed(seed)
+    d = heads * head_dim
+    cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+    layer = cls(d, heads, ff, dropout=0.0, activation=activation, norm_first=norm_first,
+                batch_first=batch_first, bias=bias)
+    model = _Stack(layer, decoder).eval()
+    shape = (2, 5, d) if batch_first else (5, 2, d)
+    x, memory = torch.randn(*shape), torch.randn(*shape)
+    kw = dict(density=0.5, block_size=8) if method == "block_sparse" else dict(rank=0.5)
+    sparse = sparsify.sparsify(model, method=method, min_size=0, example_inputs=(x, memory), **kw)
+    assert type(sparse) is _Stack and type(sparse.layer) is cls
+    # every projection: q, k, v, out per attention block, and the two feed-forward Linears
+    expected = (8 if decoder else 4) + 2
+    assert sum(dd.rewrites for dd in sparse._sparsify_plan.decisions) == expected
+    with torch.no_grad():
+        assert rel(sparse(x, memory), sparsify.densify(sparse)(x, memory)) < 1e-5
