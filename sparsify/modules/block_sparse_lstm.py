@@ -279,6 +279,7 @@ class BlockSparseLSTM(nn.Module):
                     want = shape if not unbatched else (shape[0], shape[2])
                     raise ValueError(f"BlockSparseLSTM: expected {name} of shape {want}. Got {tuple(hx[0].shape)}.")
         cells = list(self._cells())
+        rec = getattr(self, "_dynamic_record", None)
         h_n, c_n = [], []
         layer_in = x
         for layer in range(self.num_layers):
@@ -292,6 +293,9 @@ class BlockSparseLSTM(nn.Module):
                                                 4 * self.hidden_size, ih.shape[1], "none", None, False)
                 hs, cs, _ = torch.ops.sparsify.bslstm_recurrence(
                     xproj, h0[k], c0[k], hh.values, *[getattr(hh, m) for m in META_NAMES])
+                if rec is not None and xproj.requires_grad:  # dynamic sparsity (RigL) records its operands
+                    r = rec[k] = {"x": seq.detach(), "h0": h0[k].detach(), "hs": hs.detach()}
+                    xproj.register_hook(lambda g, r=r: r.__setitem__("dxproj", g.detach()))
                 outs.append(hs if d == 0 else hs.flip(0))
                 h_n.append(hs[-1])
                 c_n.append(cs[-1])
