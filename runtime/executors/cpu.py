@@ -28,6 +28,7 @@ so an autotuner run at the first call would bake that noise into the model.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 
 from ..layout import gather_blocks, scatter_blocks
 
-__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", "dense_weight", "ACTIVATIONS", "PATHS"]
+__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
+           "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
@@ -126,9 +128,30 @@ def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
 
 
 # ------------------------------------------------- forms derived from weights
+def fsdp2_in_use() -> bool:
+    """Whether FSDP2 (``fully_shard``) manages modules in this process: then no weight form is cached.
+
+    FSDP2 frees an unsharded parameter's storage after each forward and refills it
+    before the next under ``torch.autograd._unsafe_preserve_version_counter``, and
+    the allocator may hand back the same address, so a key of (version, data_ptr)
+    cannot tell the weights of the next step from those of the last: an eval pass
+    after an optimizer step could read a stale dense weight.  The reshard after
+    every forward would discard a cached form anyway.  The check reads
+    ``sys.modules`` only (never imports FSDP) and says yes if torch's layout of
+    that module changes.
+
+    Example:
+        >>> isinstance(fsdp2_in_use(), bool)
+        True
+    """
+    mod = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
+    return mod is not None and bool(getattr(mod, "cls_to_fsdp_cls", True))
+
+
 def _cacheable(values: torch.Tensor, static: bool) -> bool:
     return (
         static
+        and not fsdp2_in_use()
         and not torch.is_grad_enabled()
         and not torch._C._are_functorch_transforms_active()
         and not isinstance(values, torch._subclasses.FakeTensor)

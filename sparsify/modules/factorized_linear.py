@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import decompose
+from ..runtime.executors.cpu import fsdp2_in_use
 from .. import ranks as rank_sel
 from .weight_view import LinearLike
 
@@ -142,7 +143,9 @@ class ReconstructedWeightCache:
     (the policy of ``runtime.executors.cpu.dense_weight`` for block-sparse
     layers).  With grad on it is rebuilt every call and never cached: a cached
     tensor must not enter an autograd graph.  Writes through ``.data`` bypass
-    the version counter; call :meth:`clear_weight_cache` after them.
+    the version counter; call :meth:`clear_weight_cache` after them.  Nothing is
+    cached while FSDP2 manages modules in the process: it refills parameters with
+    their version counters preserved (see ``runtime.executors.cpu.fsdp2_in_use``).
     """
 
     def _weight_factors(self) -> list[torch.Tensor]:
@@ -150,7 +153,7 @@ class ReconstructedWeightCache:
 
     def _reconstructed_weight(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training or type(x) is not torch.Tensor or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or fsdp2_in_use()):
             return self.to_dense()
         key = tuple((p._version, p.data_ptr()) for p in self._weight_factors())
         hit = self.__dict__.get("_weight_cache")
