@@ -49,36 +49,45 @@ class SpatialCPUExecutor:
     name = "cpu"
 
     # ------------------------------------------------------------ convolution
+    @staticmethod
+    def _workspace(x, k_offsets, identity_k, cols_a: int, cols_b: int):
+        """Two buffers reused by every offset: fresh large tensors cost page faults on each
+        allocation (glibc maps them anew), which on the CPU cost as much as the copies."""
+        sizes = [k_offsets[k + 1] - k_offsets[k] for k in range(len(k_offsets) - 1) if k != identity_k]
+        most = max(sizes, default=0)
+        return x.new_empty(most, cols_a), x.new_empty(most, cols_b)
+
     def conv_forward(self, x, w, in_idx, out_idx, k_offsets, n_out: int, identity_k: int, depthwise: bool):
         cout = w.shape[-1]
-        y = None
-        if identity_k >= 0 and x.shape[0] == n_out:
-            y = x * w[identity_k] if depthwise else x @ w[identity_k]
-        if y is None:
-            y = x.new_zeros(n_out, cout)
-        elif not y.is_contiguous():
+        ident = identity_k >= 0 and x.shape[0] == n_out
+        if ident:
+            y = (x * w[identity_k]) if depthwise else x @ w[identity_k]
             y = y.contiguous()
+        else:
+            y = x.new_zeros(n_out, cout)
+        gbuf, pbuf = self._workspace(x, k_offsets, identity_k if ident else -1, x.shape[1], cout)
         for k, a, b in _groups(k_offsets):
-            if k == identity_k and x.shape[0] == n_out:
+            if k == identity_k and ident:
                 continue
-            g = x.index_select(0, in_idx[a:b])
-            p = g * w[k] if depthwise else g @ w[k]
+            g = torch.index_select(x, 0, in_idx[a:b], out=gbuf[: b - a])
+            p = torch.mul(g, w[k], out=pbuf[: b - a]) if depthwise else torch.mm(g, w[k], out=pbuf[: b - a])
             y.index_add_(0, out_idx[a:b], p)
         return y
 
     def conv_dgrad(self, dy, w, in_idx, out_idx, k_offsets, n_in: int, identity_k: int, depthwise: bool):
         cin = w.shape[-1] if depthwise else w.shape[1]
-        dx = None
-        if identity_k >= 0 and dy.shape[0] == n_in:
-            dx = dy * w[identity_k] if depthwise else dy @ w[identity_k].T
+        ident = identity_k >= 0 and dy.shape[0] == n_in
+        if ident:
+            dx = (dy * w[identity_k]) if depthwise else dy @ w[identity_k].T
             dx = dx.contiguous()
-        if dx is None:
+        else:
             dx = dy.new_zeros(n_in, cin)
+        gbuf, pbuf = self._workspace(dy, k_offsets, identity_k if ident else -1, dy.shape[1], cin)
         for k, a, b in _groups(k_offsets):
-            if k == identity_k and dy.shape[0] == n_in:
+            if k == identity_k and ident:
                 continue
-            g = dy.index_select(0, out_idx[a:b])
-            p = g * w[k] if depthwise else g @ w[k].T
+            g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
+            p = torch.mul(g, w[k], out=pbuf[: b - a]) if depthwise else torch.mm(g, w[k].T, out=pbuf[: b - a])
             dx.index_add_(0, in_idx[a:b], p)
         return dx
 
@@ -86,12 +95,18 @@ class SpatialCPUExecutor:
         k_vol = len(k_offsets) - 1
         shape = (k_vol, x.shape[1]) if depthwise else (k_vol, x.shape[1], dy.shape[1])
         dw = x.new_zeros(shape)
+        ident = identity_k >= 0 and x.shape[0] == dy.shape[0]
+        xbuf, gbuf = self._workspace(x, k_offsets, identity_k if ident else -1, x.shape[1], dy.shape[1])
         for k, a, b in _groups(k_offsets):
-            if k == identity_k and x.shape[0] == dy.shape[0]:
+            if k == identity_k and ident:
                 xs, gs = x, dy
             else:
-                xs, gs = x.index_select(0, in_idx[a:b]), dy.index_select(0, out_idx[a:b])
-            dw[k] = (xs * gs).sum(0) if depthwise else xs.T @ gs
+                xs = torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a])
+                gs = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
+            if depthwise:
+                dw[k] = (xs * gs).sum(0)
+            else:
+                torch.mm(xs.T, gs, out=dw[k])
         return dw
 
     # ------------------------------------------------------------ pooling
