@@ -323,3 +323,29 @@ def test_heuristic_choice_on_the_emulator_is_the_gpu_heuristic():
     y = ex.forward(case.a.float(), case.values.float(), _meta(case.layout), None, None, "none", case.n)
     assert [ln[0] for ln in ex.runtime.launches] == [spec.name]
     assert mismatch(y, reference(case), "heuristic") is None
+
+
+# ----------------------------------------------------------------------- every epilogue, every split
+_EPILOGUE_KERNELS = ("bsmm_fwd_small_f16_b16_k16w4s3", "bsmm_fwd_tiled_f32_b16_m64k16w4x1s3")
+
+
+@pytest.mark.parametrize("out_dtype", (None, *FLOATS), ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("kernel", _EPILOGUE_KERNELS)
+def test_every_epilogue(kernel, act, out_dtype):
+    """Each activation x output cast, with bias and residual in the other dtypes (fixed cases, so
+    CI covers them all whatever hypothesis draws above)."""
+    spec = next(k for k in ALL_SPECS if k.name == kernel)
+    i = ACTS.index(act)
+    case = make_case(spec, seed=11 + i, nbr=3, nbc=3, rn=2, rk=5, density=0.6, m=21 if spec.kind == "small" else 70,
+                     act=act, bias_dtype=FLOATS[i % 3], res_dtype=FLOATS[(i + 1) % 3], out_dtype=out_dtype)
+    assert check_case(executor(), case, ("greedy", "round_robin")) is None
+
+
+@pytest.mark.parametrize("kernel", ["bsmm_dw_dw_f32_b8_k32w1x1x4s3", "bsmm_dw_dw_bf16_b32_k32w2x2x1s4"])
+def test_dw_split_over_m(kernel):
+    """Few stored blocks and a long M: the reduction is split across thread blocks into the fp32
+    workspace (poisoned like every output) and summed by the executor."""
+    spec = next(k for k in ALL_SPECS if k.name == kernel)
+    case = make_case(spec, seed=5, nbr=2, nbc=2, rn=1, rk=0, density=0.5, m=16 * spec.config.bkm + 7, split=True)
+    assert check_case(executor(132), case, ("greedy_reverse", "random")) is None

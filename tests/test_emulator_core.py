@@ -552,12 +552,12 @@ def test_build_errors_carry_the_log_and_numbered_source():
         emulator.build("x", name="bad name")
 
 
-def test_builds_are_cached_and_a_corrupt_library_is_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
-    src = 'extern "C" __global__ void k(int* p) { p[threadIdx.x] = 7; }'
+def test_builds_are_cached_and_a_corrupt_library_is_rebuilt(tmp_path):
+    # A source of its own (the tmp path in a comment), so the build is new and only this test corrupts it.
+    src = f'// {tmp_path}\nextern "C" __global__ void k(int* p) {{ p[threadIdx.x] = 7; }}'
     first = emulator.builder.build_library(src, name="test_emulator_cache")
     again = emulator.builder.build_library(src, name="test_emulator_cache")
-    assert again.library == first.library and first.library.parent.parent == tmp_path
+    assert again.library == first.library and first.library.parent == emulator.builder.cache_dir()
     first.library.write_bytes(first.library.read_bytes()[:-8] + b"corrupt!")
     rebuilt = emulator.builder.build_library(src, name="test_emulator_cache")
     assert rebuilt.library == first.library
