@@ -85,8 +85,12 @@ class Vocab:
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     def encode(self, text: str) -> torch.Tensor:
-        unk = self.index.get("?", 0)
-        return torch.tensor([self.index.get(c, unk) for c in text], dtype=torch.long)
+        """Character ids (the cleaned text is ASCII): a 256-entry lookup table over the bytes."""
+        lut = torch.full((256,), self.index.get("?", 0), dtype=torch.long)
+        for c, i in self.index.items():
+            lut[ord(c)] = i
+        raw = torch.frombuffer(bytearray(text.encode("ascii")), dtype=torch.uint8)
+        return lut[raw.long()]
 
 
 # --------------------------------------------------------------------------- models

@@ -15,6 +15,8 @@ from .emulator.device import register as _register_emulator  # noqa: E402
 
 _register_emulator()  # SPARSIFY_EMULATE_CUDA=1: CPU tensors run the CUDA kernels on the CPU emulator
 
+from . import ops_conv, ops_lstm  # noqa: E402,F401  (registers bsconv2d* and bslstm_recurrence*)
+
 __all__ = [
     "ACTIVATIONS",
     "BlockSparseLayout",

@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from . import runtime  # noqa: F401  (registers torch.ops.sparsify.*)
+from . import dynamic, patterns  # noqa: F401  (training from scratch: sparsify.patterns, sparsify.dynamic)
 from .api import densify, report, sparsify
 from .config import Rule, SparsifyConfig
 from .decision import Decision, Plan
@@ -16,7 +17,10 @@ from .errors import ConversionCheckError, InputError
 from .io import load, save
 from .methods import METHODS
 from .modules import (
+    BlockSparseConv1d,
+    BlockSparseConv2d,
     BlockSparseLinear,
+    BlockSparseLSTM,
     CPConv,
     CPLinear,
     LowRankLinear,
@@ -31,7 +35,10 @@ from .runtime import BlockSparseLayout
 __all__ = [
     "METHODS",
     "BlockSparseLayout",
+    "BlockSparseConv1d",
+    "BlockSparseConv2d",
     "BlockSparseLinear",
+    "BlockSparseLSTM",
     "CPConv",
     "CPLinear",
     "ConversionCheckError",
