@@ -27,6 +27,7 @@ and refers to its layer, so it always shows the layer's current weights.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -95,12 +96,14 @@ class DenseWeightView(torch.Tensor):
         return DenseWeightView(self._layers, not self._transposed)
 
     def _dense(self) -> torch.Tensor:
+        _check_gathered(self._layers, "to_dense")
         parts = [m.to_dense() if hasattr(m, "to_dense") else m.weight for m in self._layers]
         w = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return w.t() if self._transposed else w
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for the ``[out, in]`` weight, on the layers' own forward."""
+        _check_gathered(self._layers, "weight_product")
         outs = [m.weight_product(x) if hasattr(m, "weight_product") else F.linear(x, m.weight)
                 for m in self._layers]
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
@@ -146,6 +149,29 @@ class DenseWeightView(torch.Tensor):
         with torch.no_grad():
             args, kwargs = pytree.tree_map(_dense_of, (args, kwargs or {}))
         return func(*args, **kwargs)
+
+
+def _check_gathered(layers: tuple, method: str) -> None:
+    """Refuse to compute with a layer whose parameters FSDP2 holds sharded (DTensors).
+
+    FSDP2 gathers a module's parameters only around its ``forward``; a weight read
+    by other code (an owner's ``F.linear(x, self.w)``) is computed outside it.  The
+    check reads ``sys.modules`` only, so it costs nothing where DTensor is unused.
+    """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None:
+        return
+    for m in layers:
+        for name, p in m.named_parameters():
+            if isinstance(p, dtensor):
+                raise ValueError(
+                    f"{type(m).__name__}.weight was used outside the forward of the module that FSDP2's "
+                    f"fully_shard wrapped, while its parameter {name!r} is sharded (a DTensor), so it cannot "
+                    f"be computed with. Apply fully_shard to the module whose forward uses this weight (its "
+                    f"owner) rather than to the layer alone, or after fully_shard(layer) call "
+                    f"torch.distributed.fsdp.register_fsdp_forward_method(layer, {method!r}) so that FSDP "
+                    f"gathers the parameters for that call (docs/distributed.md)."
+                )
 
 
 def _reference(m) -> torch.Tensor:
