@@ -188,7 +188,8 @@ DECISION = Obj({
     "params": Map(Json(), 256, 64), "reason": Str(4096), "rule": Opt(Str(4096)), "node": Opt(Str(1024)),
     "input_shape": Opt(_SHAPE), "params_before": Int(), "params_after": Opt(Int()), "flops_before": Opt(Int()),
     "flops_after": Opt(Int()), "bytes_before": Int(), "bytes_after": Opt(Int()), "result": Map(Json(), 256, 64),
-}, ("name", "layer_type", "weight_shape", "method"))
+}, ("name", "layer_type", "weight_shape", "method", "params", "reason", "params_before", "params_after",
+    "flops_before", "flops_after"))
 
 MANIFEST = Obj({
     "format": Const("sparsify.artifact"),

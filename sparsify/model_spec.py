@@ -270,10 +270,12 @@ def _check_hf_config(d: Any, where: str, depth: int = 0) -> None:
     for k, v in d.items():
         if k in _HF_REFUSED and v not in (None, False, {}, []):
             raise InputError(f"{where}: key {k!r} is refused ({_HF_REFUSED[k]}).")
-        if k in ("attn_implementation", "_attn_implementation") and v not in _HF_ATTENTION:
+        if k in ("attn_implementation", "_attn_implementation") and not (v is None or (isinstance(v, str)
+                                                                                 and v in _HF_ATTENTION)):
             raise InputError(f"{where}: {k}={str(v)[:40]!r} is refused; sparsify builds with 'eager' or 'sdpa' only "
                              "(other implementations may fetch kernels).")
-        if k in ("dtype", "torch_dtype") and v is not None and v not in _DTYPES and v != "auto":
+        if k in ("dtype", "torch_dtype") and v is not None and not (isinstance(v, str) and (v in _DTYPES
+                                                                                            or v == "auto")):
             raise InputError(f"{where}: {k}={str(v)[:40]!r} is not a dtype name.")
         if isinstance(v, dict):
             _check_hf_config(v, f"{where}.{k}", depth + 1)

@@ -609,7 +609,7 @@ def _parse_inputs(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, 
             inputs.append({"kind": "none"})
             continue
         _dict(spec, where, {"kind", "dtype", "shape"}, {"kind", "dtype", "shape"})
-        if spec["dtype"] not in _DTYPES:
+        if not isinstance(spec["dtype"], str) or spec["dtype"] not in _DTYPES:
             raise _reject(f"{where}.dtype: unknown dtype {_show(spec['dtype'])}")
         shape = []
         for k, d in enumerate(_list(spec["shape"], f"{where}.shape", MAX_RANK)):

@@ -152,3 +152,117 @@ def test_help_and_version(capsys):
     assert rc == 0 and o.startswith("sparsify ")
     rc, _, e = run(capsys, "frobnicate")
     assert rc == 2 and e.startswith("sparsify: error:") and len(e.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------- the console script, as a user runs it
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+SCRIPT = shutil.which("sparsify")
+needs_script = pytest.mark.skipif(SCRIPT is None, reason="the sparsify console script is not installed "
+                                                         "(pip install -e .)")
+
+
+def _env(cwd: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(cwd), SPARSIFY_NO_TTY="1")
+
+
+def _readme_commands() -> list[str]:
+    """Every ``sparsify ...`` line of the README's command-line block."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Command line and saved models", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip().startswith("sparsify ")]
+
+
+#: The README's placeholders, made real in a scratch folder (a new placeholder fails the test until added here).
+SUBSTITUTE = {"my_pkg.models:resnet": "tests.models.zoo:cnn", "8,3,224,224": "2,3,16,16", "--batch 64": "--batch 8"}
+
+
+def _workspace(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    (tmp_path / "cfg.toml").write_text('density = 0.5\n[[rules]]\npattern = "fc2"\nskip = true\n')
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    shutil.copy(ROOT / HF_CONFIG, bert / "config.json")
+    import transformers
+
+    cfg = json.loads((bert / "config.json").read_text())
+    model = transformers.BertModel(transformers.AutoConfig.for_model(**cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bert / "model.safetensors"))
+    return tmp_path
+
+
+@needs_script
+def test_every_readme_command_runs_through_the_console_script(tmp_path):
+    pytest.importorskip("transformers")
+    cmds = _readme_commands()
+    assert len(cmds) >= 6 and any(c.startswith("sparsify doctor") for c in cmds)
+    ws = _workspace(tmp_path)
+    for cmd in cmds:
+        for a, b in SUBSTITUTE.items():
+            cmd = cmd.replace(a, b)
+        argv = shlex.split(cmd)
+        r = subprocess.run([SCRIPT, *argv[1:]], cwd=ws, env=_env(ws), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    assert (ws / "mlp.sparsify" / "manifest.json").is_file() and (ws / "report.html").is_file()
+    assert json.loads((ws / "bench.json").read_text())["inputs"][0]["shape"][0] == 8
+
+
+@needs_script
+def test_doctor_options_reach_the_doctor_from_the_console_script(tmp_path):
+    r = subprocess.run([SCRIPT, "doctor", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "--compile-all" in r.stdout, r.stderr
+    pytest.importorskip("cuda.core", reason="--compile-all needs cuda-python")
+    # An arch NVRTC rejects fails every compile quickly: proof that --compile-all and --arch arrived
+    # (a full compile for sm_80 is tested in-process in test_doctor.py; cold it takes minutes).
+    r = subprocess.run([SCRIPT, "doctor", "--compile-all", "--arch", "sm_10", "--jobs", "2"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, SPARSIFY_CACHE_DIR=str(tmp_path)))
+    assert r.returncode == 1 and "kernels x 1 arches" in r.stdout, r.stderr[-2000:]
+    assert "unrecognized arguments" not in r.stderr
+    r = subprocess.run([SCRIPT, "doctor", "--bogus"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@needs_script
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_startup_imports_is_one_line(tmp_path, sig, code, word):
+    p = subprocess.Popen([SCRIPT, "convert", f"{ROOT / ZOO}:mlp", "-o", str(tmp_path / "o")], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # well inside `import torch`
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == code, err
+    assert err.strip().splitlines() == [err.strip()] and word in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupt_when(args, cwd: Path, ready, sig) -> subprocess.CompletedProcess:
+    p = subprocess.Popen([sys.executable, "-m", "sparsify", *args], cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not ready() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=90)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_saving_with_a_report_leaves_nothing_and_says_so(tmp_path, sig, code):
+    work = tmp_path / "w"
+    work.mkdir()
+    r = _interrupt_when(["convert", f"{ROOT / ZOO}:transformer_block", "-o", str(work / "o"), "--report",
+                         str(work / "r.html")], work,
+                        lambda: any(p.name.startswith(".o.tmp-") for p in work.iterdir()), sig)
+    if r.returncode == 0:
+        pytest.skip("the save finished before the signal arrived")
+    assert r.returncode == code, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no output was written" in lines[0], r.stderr
+    assert list(work.iterdir()) == [], "OUT, the report or temporary files left behind"

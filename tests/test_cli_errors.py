@@ -162,3 +162,120 @@ def test_cuda_device_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     expect_bad(capsys, None, "bench", f"{ZOO}:mlp", "--device", "cuda", match="no CUDA device")
+
+
+# --------------------------------------------------------------------------- issue 9 regressions
+@pytest.mark.parametrize("toml,match", [
+    ("block_size = 32.0\n", "block_size=32.0"),
+    ("min_size = 100.0\n", "min_size=100.0"),
+    ('strict = "false"\n', "strict='false'"),
+    ('fold_batchnorm = "no"\n', "fold_batchnorm='no'"),
+    ('[[rules]]\npattern = "0"\nskip = "no"\n', "skip='no'"),
+    ("[[rules]]\npattern = 5\nskip = true\n", "pattern=5"),
+    ('[[rules]]\ntype = 5\nskip = true\n', "type=5"),
+    ('method = "tucker"\ncompression = inf\n', "compression=inf"),
+    ("density = nan\n", "density=nan"),
+    ('rules = {pattern = "0"}\n', "'rules' must be an array of tables"),
+    ('strict = true\n[[rules]]\npattern = "0"\nskip = true\n[[rules]]\npattern = "0"\nskip = true\n', "shadowed"),
+])
+def test_config_values_have_their_types(tmp_path, capsys, toml, match):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    line = expect_bad(capsys, tmp_path / "o", "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--config", cfg,
+                      match=match)
+    assert str(cfg) in line
+
+
+@pytest.mark.parametrize("tol", ["nan", "-1", "inf"])
+def test_verify_tolerance_must_be_finite_and_non_negative(capsys, artifact, tol):
+    expect_bad(capsys, None, "verify", artifact, "--against", f"{ZOO}:mlp", f"--tol={tol}", match="--tol")
+
+
+def test_verify_does_not_trust_the_manifests_input_shape(tmp_path, capsys, artifact):
+    art = _copy(artifact, tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    m["inputs"] = [{"shape": [2**20, 2**20], "dtype": "float32"}]
+    (art / "manifest.json").write_text(json.dumps(m))
+    expect_bad(capsys, None, "verify", art, "--against", f"{ZOO}:mlp", match="too large")
+    expect_bad(capsys, None, "bench", art, "--repeat", "1", match="too large")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["weights"].update(file=5), "field weights.file"),
+    (lambda m: m.pop("weights"), "field weights: missing"),
+    (lambda m: m.update(plan=[1]), "field plan"),
+    (lambda m: m["plan"]["decisions"][0].pop("params_before"), "params_before: missing"),
+])
+def test_bad_manifests_are_one_line_for_every_command(tmp_path, capsys, artifact, edit, match):
+    art = _copy(artifact, tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    for argv in (["inspect", art], ["verify", art, "--against", f"{ZOO}:mlp"], ["bench", art, "--repeat", "1"]):
+        expect_bad(capsys, None, *argv, match=match)
+
+
+def test_bench_json_never_clobbers_an_input_or_a_users_file(tmp_path, capsys, artifact):
+    src = tmp_path / "m.py"
+    src.write_text((ROOT / ZOO).read_text())
+    before = src.read_text()
+    expect_bad(capsys, None, "bench", f"{src}:mlp", "--repeat", "1", "--json", src, "--force",
+               match="never overwrites its input")
+    art = _copy(artifact, tmp_path / "a")
+    manifest = (art / "manifest.json").read_text()
+    expect_bad(capsys, None, "bench", art, "--repeat", "1", "--json", art / "manifest.json", "--force",
+               match="never overwrites its input")
+    expect_bad(capsys, None, "bench", art, "--repeat", "1", "--json", art / "new.json", match="inside the input")
+    assert src.read_text() == before and (art / "manifest.json").read_text() == manifest
+    mine = tmp_path / "results.json"
+    mine.write_text('{"mine": true}')
+    expect_bad(capsys, None, "bench", f"{ZOO}:mlp", "--repeat", "1", "--json", mine, match="exists; pass --force")
+    expect_bad(capsys, None, "bench", f"{ZOO}:mlp", "--repeat", "1", "--json", mine, "--force",
+               match="not written by sparsify")
+    assert mine.read_text() == '{"mine": true}'
+    ours = tmp_path / "bench.json"
+    assert main(["bench", f"{ZOO}:mlp", "--repeat", "1", "--warmup", "0", "--json", str(ours)]) == 0
+    assert main(["bench", f"{ZOO}:mlp", "--repeat", "2", "--warmup", "0", "--json", str(ours), "--force"]) == 0
+    assert json.loads(ours.read_text())["repeat"] == 2
+
+
+def test_report_needs_force_and_force_replaces_only_our_reports(tmp_path, capsys):
+    mine = tmp_path / "r.html"
+    mine.write_text("<p>my notes</p>")
+    out = tmp_path / "o"
+    expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, "--report", mine, match="exists; pass --force")
+    expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, "--report", mine, "--force",
+               match="not written by sparsify")
+    assert mine.read_text() == "<p>my notes</p>"
+    ours = tmp_path / "ours.md"
+    assert main(["convert", f"{ZOO}:mlp", "-o", str(out), "--no-export", "--report", str(ours)]) == 0
+    first = ours.read_text()
+    assert main(["convert", f"{ZOO}:mlp", "-o", str(out), "--no-export", "--density", "0.5", "--report", str(ours),
+                 "--force"]) == 0
+    assert ours.read_text() != first and "density=0.5" in ours.read_text()
+
+
+def test_a_full_disk_is_found_before_the_conversion(tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "o"
+    t0 = __import__("time").monotonic()
+    expect_bad(capsys, out, "convert", f"{ZOO}:slow_mlp", "-o", out, "--factory-args", '{"seconds": 0}',
+               match="MiB free")
+    assert capsys.readouterr().out == ""  # no report printed: nothing was converted
+
+
+def test_created_files_respect_the_umask(tmp_path, capsys):
+    import os
+
+    old = os.umask(0o077)
+    try:
+        assert main(["convert", f"{ZOO}:mlp", "-o", str(tmp_path / "o"), "--no-export",
+                     "--report", str(tmp_path / "r.html")]) == 0
+    finally:
+        os.umask(old)
+    for f in [tmp_path / "o", tmp_path / "r.html", *(tmp_path / "o").iterdir()]:
+        assert (f.stat().st_mode & 0o077) == 0, f
