@@ -243,3 +243,18 @@ def test_exports_and_compiles():
     ep = torch.export.export(layer, (x,))
     assert torch.allclose(ep.module()(x), layer(x))
     assert any("bsconv2d" in str(n.target) for n in ep.graph.nodes)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_block_sparse_linear_init_keeps_each_outputs_variance(density):
+    from sparsify.modules.block_sparse import BlockSparseLinear
+
+    torch.manual_seed(0)
+    lay = random_layout((128, 256), 16, density, seed=4)
+    layer = BlockSparseLinear(256, 128, lay)
+    w = layer.to_dense().detach().double()
+    kept = lay.row_offsets.diff().double().repeat_interleave(16) * 16
+    assert bool((w.abs().max(1).values <= 1 / kept.sqrt() + 1e-7).all())  # U(-1/sqrt(kept), 1/sqrt(kept))
+    assert abs(float(w.pow(2).sum(1).mean()) - 1 / 3) < 0.03  # nn.Linear's output variance, 128 rows
+    if density == 1.0:  # nn.Linear's own bound
+        assert abs(float(w.abs().max()) - 1 / 16) < 1e-3

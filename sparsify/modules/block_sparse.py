@@ -92,13 +92,13 @@ class BlockSparseLinear(LinearLike, nn.Module):
         return self.layout.density
 
     def reset_parameters(self) -> None:
-        # Same distribution as nn.Linear over the full fan-in.
-        bound = 1.0 / max(1, self.in_features) ** 0.5
-        with torch.no_grad():
-            nn.init.uniform_(self.values, -bound, bound)
-            self._zero_padding()
-            if self.bias is not None:
-                nn.init.uniform_(self.bias, -bound, bound)
+        """Initialization for training from scratch: nn.Linear's ``U(-1/sqrt(in), 1/sqrt(in))`` with each
+        output row's variance scaled to its kept fan-in (``sparsify.modules.sparse_weight``, docs/training.md):
+        every output has the dense default's pre-activation variance; at density 1 this is nn.Linear's init."""
+        from .sparse_weight import init_block_sparse_
+
+        init_block_sparse_(self.values, self.layout, dense_bound=1.0 / max(1, self.in_features) ** 0.5,
+                           full_fan_in=self.in_features, bias=self.bias)
 
     def _zero_padding(self) -> None:
         """Zero the parts of edge blocks that lie in the padding."""
