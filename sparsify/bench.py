@@ -260,11 +260,24 @@ def markdown_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _is_result(path: Path) -> bool:
+    """A JSON this benchmark wrote (the only kind ``--force`` replaces)."""
+    from .errors import InputError
+    from .files import parse_json, read_regular
+
+    try:
+        doc = parse_json(read_regular(path.parent, path.name, max_bytes=256 * 2**20, what="result"), str(path))
+    except InputError:
+        return False
+    return isinstance(doc, dict) and doc.get("benchmark") == "bsmm"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsify.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="bench", required=True)
     b = sub.add_parser("bsmm", help="block-sparse linear (CPU) vs dense and torch BSR")
-    b.add_argument("--out", type=Path, default=None, help="write the JSON here (default: bsmm_cpu.json)")
+    b.add_argument("--out", type=Path, default=None, help="write the JSON here, a new file (default: bsmm_cpu.json)")
+    b.add_argument("--force", action="store_true", help="replace an existing --out that this benchmark wrote")
     b.add_argument("--quick", action="store_true", help="fewer rounds and a smaller grid, for a smoke run")
     b.add_argument("--no-train", action="store_true", help="skip the training (forward + backward) table")
     b.add_argument("--paths", action="store_true", help="also time each executor path forced")
@@ -272,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     b.add_argument("--markdown", action="store_true", help="print the tables as Markdown at the end")
     args = p.parse_args(argv)
+    out = args.out or Path("bsmm_cpu.json")
+    if (out.exists() or out.is_symlink()) and not (args.force and out.is_file() and _is_result(out)):
+        p.error(f"--out {out} exists{'' if args.force else '; pass --force to replace a result of this benchmark'}"
+                f"{' and was not written by this benchmark' if args.force else ''}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -287,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target ours <= {TARGET_RATIO:.2f} x best baseline: "
           f"{'met at every point' if not misses else f'missed at {len(misses)} point(s)'}; load {_load()}")
     out = args.out or Path("bsmm_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, out)
+    from .io import write_file
+
+    # A new file, created exclusively with the umask's mode; --force replaces only a result of ours.
+    write_file(out, json.dumps(res, indent=1) + "\n", force=args.force, is_ours=_is_result, what="--out")
     print(f"wrote {out}")
     if args.markdown:
         print(markdown_tables(res))

@@ -73,3 +73,21 @@ def test_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "sparsify.runtime.doctor"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "NVRTC" in out.stdout
+
+
+def test_help_and_usage_errors_from_the_sparsify_command(capsys):
+    from sparsify.cli import main
+
+    assert main(["doctor", "--help"]) == 0
+    assert "--compile-all" in capsys.readouterr().out
+    assert main(["doctor", "--no-such-option"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparsify doctor: error:")
+
+
+def test_compile_all_reaches_the_doctor_from_the_sparsify_command(capsys, monkeypatch):
+    from sparsify.cli import main
+
+    monkeypatch.setattr(compiler, "compile_program", _fake_program(spills=0))
+    assert main(["--debug", "doctor", "--compile-all", "--arch", "sm_90"]) == 0
+    assert "all good" in capsys.readouterr().out
