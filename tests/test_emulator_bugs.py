@@ -14,10 +14,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from sparsify.runtime.cuda import kernels
 from sparsify.runtime.cuda.compiler import SRC_DIR
-from tests.test_emulator_bsmm import check_case, emulator, executor, make_case
+
+from tests.test_emulator_bsmm import check_case, executor, make_case
 
 SCHEDULES = ("greedy", "greedy_reverse", "round_robin")
 
