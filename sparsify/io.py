@@ -512,7 +512,11 @@ def _replay_params(d: dict[str, Any]) -> dict[str, Any]:
     if spec is None:
         raise InputError(f"layer {d['name']!r} was converted with method {d['method']!r}, which this "
                          "sparsify does not know. Upgrade sparsify.")
-    params = {k: v for k, v in (d.get("params") or {}).items() if k in spec.defaults}
+    from .config import RULE_FIELDS
+
+    # A parameter named like a Rule field (block_sparse's ``pattern``) cannot go through Rule(...);
+    # the replay takes the block pattern from the saved state_dict anyway.
+    params = {k: v for k, v in (d.get("params") or {}).items() if k in spec.defaults and k not in RULE_FIELDS}
     res = d.get("result") or {}
     r = res.get("rank", res.get("ranks"))
     if r is not None and "rank" in spec.defaults:

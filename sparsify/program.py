@@ -138,7 +138,7 @@ scalar_tensor.default
 """.split()
 
 #: The custom ops of sparsify's runtime a stored (inference) program may call.
-_SPARSIFY = ("bsmm.default",)
+_SPARSIFY = ("bsmm.default", "bsconv2d.default")
 
 #: Python-level functions that appear in exported graphs for sizes and multi-output ops,
 #: with the number of positional arguments each takes.  No ``pow``: sizes grow at most
@@ -721,16 +721,27 @@ def _dec_tree(v: Any, dec: _Decoder, leaves: list, where: str, depth: int) -> An
     raise _reject(f"{where}: unknown output kind {_show(k)}")
 
 
+#: The block-sparse ops: how to read (out, in) of the layout and the rank of ``values`` from a call.
+#: An op that takes a layout must have an entry here, or its calls are refused.
+_BLOCK_SPARSE_OPS: dict[str, tuple[str, str | None, int]] = {
+    # name: (argument holding the rows, argument holding the columns or None (from the pattern), values dims)
+    "sparsify.bsmm.default": ("out_features", "in_features", 3),
+    "sparsify.bsconv2d.default": ("out_channels", None, 5),
+}
+
+
 def _check_block_sparse_calls(gm: fx.GraphModule) -> None:
     """Every block-sparse call's pattern is a valid layout of stored tensors (the check every load path makes)."""
     from .runtime import BlockSparseLayout
     from .runtime.ops import META_NAMES
 
-    bsmm = targets().get("sparsify.bsmm.default")
+    table = targets()
+    ops = {table[n]: (n, *spec) for n, spec in _BLOCK_SPARSE_OPS.items() if n in table}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not bsmm:
+        if node.op != "call_function" or node.target not in ops:
             continue
-        names = [a.name for a in bsmm._schema.arguments]
+        op_name, rows_arg, cols_arg, values_dims = ops[node.target]
+        names = [a.name for a in node.target._schema.arguments]
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
 
@@ -740,18 +751,28 @@ def _check_block_sparse_calls(gm: fx.GraphModule) -> None:
                 raise _reject(f"block-sparse call {node.name}: {name} must be a stored tensor")
             return getattr(gm, a.target)
 
-        values = attr("values")
-        out_f, in_f = bound.get("out_features"), bound.get("in_features")
-        if not (isinstance(out_f, int) and isinstance(in_f, int) and 0 < out_f <= MAX_DIM and 0 < in_f <= MAX_DIM):
-            raise _reject(f"block-sparse call {node.name}: invalid out_features / in_features")
-        if values.dim() != 3 or values.shape[1] != values.shape[2] or values.shape[1] < 1:
-            raise _reject(f"block-sparse call {node.name}: values must be [nnz, b, b], got {list(values.shape)}")
+        v = bound.get("values")
+        if (isinstance(v, fx.Node) and v.op == "call_function" and v.target is table.get("aten.unsqueeze.default")
+                and isinstance(v.args[0], fx.Node) and v.args[0].op == "get_attr" and isinstance(v.args[1], int)
+                and not isinstance(v.args[1], bool) and -4 <= v.args[1] <= 3):
+            values = getattr(gm, v.args[0].target).unsqueeze(v.args[1])  # a Conv1d's taps as a 1 x k kernel
+        else:
+            values = attr("values")
+        if (values.dim() != values_dims or values.shape[1] != values.shape[2] or values.shape[1] < 1):
+            raise _reject(f"block-sparse call {node.name}: values must be [nnz, b, b{', ...' if values_dims > 3 else ''}]"
+                          f" ({values_dims}-D), got {list(values.shape)}")
+        b = values.shape[1]
         meta = {n: attr(n) for n in META_NAMES}
         for n, t in meta.items():
             if t.dtype != torch.int32 or t.dim() != 1:
                 raise _reject(f"block-sparse call {node.name}: {n} must be 1-D int32")
+        out_f = bound.get(rows_arg)
+        # A conv's input channels are the input's; the pattern's column blocks say how many blocks of them.
+        in_f = bound.get(cols_arg) if cols_arg else (meta["t_row_offsets"].numel() - 1) * b
+        if not (isinstance(out_f, int) and isinstance(in_f, int) and 0 < out_f <= MAX_DIM and 0 < in_f <= MAX_DIM):
+            raise _reject(f"block-sparse call {node.name}: invalid layout shape ({out_f}, {in_f})")
         try:
-            layout = BlockSparseLayout((out_f, in_f), values.shape[1], meta["row_offsets"], meta["col_indices"])
+            layout = BlockSparseLayout((out_f, in_f), b, meta["row_offsets"], meta["col_indices"])
         except ValueError as exc:
             raise _reject(f"block-sparse call {node.name}: invalid block pattern: {exc}") from None
         if layout.nnz != values.shape[0]:

@@ -489,3 +489,23 @@ def test_a_read_only_destination_is_found_before_writing(tmp_path):
     ro.mkdir(mode=0o555)
     with pytest.raises(InputError, match="cannot write"):
         sparsify.save(conv, ro / "m")
+
+
+def test_block_sparse_convs_are_stored_and_their_patterns_validated(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model, x = zoo.cnn().eval(), torch.randn(*zoo.cnn.input_shape)
+    conv = sparsify.sparsify(model, density=0.5, block_size=8, min_size=0, example_inputs=(x,))
+    out = sparsify.save(conv, tmp_path / "m", example_inputs=(x,))
+    doc = json.loads((out / "program.json").read_text())
+    if not any(n["target"] == "sparsify.bsconv2d.default" for n in doc["nodes"]):
+        pytest.skip("no conv was made block-sparse")
+    assert torch.equal(sparsify.load(out)(x), conv(x))
+    t = load_file(str(out / "weights.safetensors"))
+    key = next(k for k in t if k.startswith("conv") and k.endswith("col_indices"))
+    t[key] = t[key].clone().fill_(99)
+    save_file(t, str(out / "weights.safetensors"))
+    _rehash(out, "weights.safetensors")
+    with pytest.raises(InputError, match="invalid block pattern"):
+        sparsify.load(out)
