@@ -162,6 +162,8 @@ def _check_gathered(layers: tuple, method: str) -> None:
     if dtensor is None:
         return
     for m in layers:
+        if method in m.__dict__:  # register_fsdp_forward_method wrapped it: FSDP gathers around the call
+            continue
         for name, p in m.named_parameters():
             if isinstance(p, dtensor):
                 raise ValueError(
