@@ -24,7 +24,10 @@ optimizer, DDP and any references stay valid.
 Distributed training: rank 0 decides and broadcasts the new block masks to
 every rank (``torch.distributed.broadcast``), so all ranks adopt identical
 layouts whatever their local batches; RigL's scores are rank 0's local
-gradient.  Decisions are deterministic given ``seed`` (SET draws from a
+gradient.  Under FSDP2 (``fully_shard``) the values, their gradient and
+optimizer state are sharded DTensors between forwards: every rank gathers a
+weight's values (``full_tensor()``, one weight at a time) before rank 0
+decides, and writes its own shard of the permuted tensors back in place.  Decisions are deterministic given ``seed`` (SET draws from a
 generator seeded by ``(seed, update, weight)``; ties break towards the lower
 block index).
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import weakref
 
 import torch
@@ -69,6 +73,27 @@ def sparse_weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 type(mod), "layout"):
             out.append((name, mod))
     return out
+
+
+def _is_dtensor(t) -> bool:
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor on every rank (a collective for an FSDP2-sharded DTensor; call it on all ranks)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _write_(t: torch.Tensor, whole: torch.Tensor) -> None:
+    """Overwrite ``t`` in place with ``whole`` (for a sharded DTensor: this rank's shard of it)."""
+    if _is_dtensor(t):
+        from torch.distributed.tensor import distribute_tensor
+
+        # every rank holds the same ``whole``: each takes its own shard, no communication
+        t.copy_(distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None))
+    else:
+        t.copy_(whole)
 
 
 def _block_norms(values: torch.Tensor) -> torch.Tensor:
@@ -152,8 +177,11 @@ class _Recorder:
 
         output.register_hook(save)
 
-    def scores(self, module) -> torch.Tensor | None:
-        """Block norms of ``module``'s dense gradient on the recorded batch, or None if nothing was recorded."""
+    def scores(self, module, values: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Block norms of ``module``'s dense gradient on the recorded batch, or None if nothing was recorded.
+
+        ``values`` / ``bias``: the module's whole tensors where they are sharded (FSDP2)."""
         lay = module.layout
         for lstm in self.lstms:
             rec = lstm._dynamic_record or {}
@@ -175,17 +203,19 @@ class _Recorder:
             return _conv_grad_block_norms(module, rec["x"], dy, lay)
         act = getattr(module, "activation", "none")
         if act != "none":
-            dy = self._pre_activation_grad(module, rec["x"], dy, act)
+            dy = self._pre_activation_grad(module, rec["x"], dy, act, values, bias)
         return _grad_block_norms(dy, rec["x"], lay)
 
     @staticmethod
-    def _pre_activation_grad(module, x, dy, act):
+    def _pre_activation_grad(module, x, dy, act, values=None, bias=None):
         from .runtime.executors.cpu import apply_epilogue
 
+        values = module.values if values is None else values
+        bias = module.bias if bias is None else bias
         with torch.no_grad():
-            pre = x @ module.to_dense().T
-            if module.bias is not None:
-                pre = pre + module.bias
+            pre = x @ module.layout.to_dense(values).T
+            if bias is not None:
+                pre = pre + bias
         with torch.enable_grad():
             p = pre.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(apply_epilogue(p.clone(), None, None, act), p, dy)
@@ -301,21 +331,24 @@ class DynamicSparsity:
             k = int(round(frac * lay.nnz))
             if k == 0 or lay.nnz == total:
                 continue
-            new_mask = self._decide(idx, name, mod, lay, k, step) if rank == 0 else lay.block_mask()
+            values = _gathered(mod.values)  # on every rank: a collective under FSDP2
+            bias = _gathered(getattr(mod, "bias", None)) if getattr(mod, "activation", "none") != "none" else None
+            new_mask = self._decide(idx, name, mod, lay, k, step, values, bias) if rank == 0 else lay.block_mask()
             if world > 1:
                 flag = new_mask.to(torch.uint8).to(mod.values.device)
                 torch.distributed.broadcast(flag, src=0)
                 new_mask = flag.cpu().bool()
             if torch.equal(new_mask, lay.block_mask()):
                 continue
-            self._adopt(mod, lay, new_mask)
+            self._adopt(mod, lay, new_mask, values)
             changed = True
         return changed
 
-    def _decide(self, idx: int, name: str, mod, lay: BlockSparseLayout, k: int, step: int) -> torch.Tensor:
+    def _decide(self, idx: int, name: str, mod, lay: BlockSparseLayout, k: int, step: int,
+                values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         nbr, nbc = lay.n_block_rows, lay.n_block_cols
         rows, cols = lay.row_indices.long(), lay.col_indices.long()
-        mag = _block_norms(mod.values).cpu()
+        mag = _block_norms(values).cpu()
         # drop the k smallest blocks; a stable sort breaks ties towards the lower block index
         drop = torch.sort(mag, stable=True).indices[:k]
         mask = lay.block_mask()
@@ -325,7 +358,7 @@ class DynamicSparsity:
             gen = torch.Generator().manual_seed(_sub_seed(self.seed, self.updates, idx))
             grow = candidates[torch.randperm(candidates.numel(), generator=gen)[:k]]
         else:
-            scores = self.recorder.scores(mod)
+            scores = self.recorder.scores(mod, values, bias)
             if scores is None:
                 raise RuntimeError(
                     f"RigL: no gradient was recorded for {name or 'the model'} on update step {step}. Call "
@@ -337,7 +370,7 @@ class DynamicSparsity:
         mask.view(-1)[grow] = True
         return mask
 
-    def _adopt(self, mod, old: BlockSparseLayout, mask: torch.Tensor) -> None:
+    def _adopt(self, mod, old: BlockSparseLayout, mask: torch.Tensor, whole: torch.Tensor) -> None:
         new = BlockSparseLayout.from_block_mask(mask, shape=old.shape, block_size=old.block_size)
         device = mod.values.device
         where_old = torch.full(mask.shape, -1, dtype=torch.long)
@@ -352,14 +385,17 @@ class DynamicSparsity:
             return out
 
         values = mod.values
-        new_values = permuted(values.detach())
+        new_values = permuted(whole.detach())
         state = self.optimizer.state.get(values, {}) if self.optimizer is not None else {}
         for key, t in list(state.items()):
             if isinstance(t, torch.Tensor) and t.shape == values.shape:
-                t.copy_(permuted(t))
+                _write_(t, permuted(_gathered(t)))
         if values.grad is not None:
-            values.grad.copy_(permuted(values.grad))
-        if hasattr(mod, "set_layout_"):
+            _write_(values.grad, permuted(_gathered(values.grad)))
+        if _is_dtensor(values):  # FSDP2: same block count, so this rank's shard is overwritten in place
+            _write_(values, new_values)
+            mod._set_layout(new, device=device)
+        elif hasattr(mod, "set_layout_"):
             mod.set_layout_(new, new_values)
         else:  # BlockSparseLinear: same block count, so overwrite the values in place
             values.copy_(new_values)
