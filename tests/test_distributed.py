@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: One xdist worker runs the whole module, so the ranks are spawned once (CI: pytest -n 2 --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(name="distributed")
+
 WORLD = 2
 STEPS = 3
 BATCH = 4  # per rank and step
