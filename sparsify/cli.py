@@ -299,14 +299,6 @@ def cmd_inspect(args) -> int:
 
 
 # --------------------------------------------------------------------- signals
-class _Interrupted(KeyboardInterrupt):
-    """Raised by the signal handler; carries which signal (SIGINT -> 130, SIGTERM -> 143)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 class _State:
     raised: int | None = None      # the signal that interrupted the command
     written: list[str] = []        # outputs committed so far (for a truthful interrupt message)
@@ -321,7 +313,7 @@ def _on_signal(signum: int, _frame: Any) -> None:
         files.record_signal(signum)
         return
     _State.raised = signum
-    raise _Interrupted(signum)
+    raise files.Interrupted(signum)
 
 
 def _interrupt_exit(signum: int) -> int:
@@ -338,14 +330,15 @@ def _commit(pending: list) -> None:
     """Commit staged outputs as one transaction (all or none; see sparsify.files.commit_all)."""
     from . import files
 
-    left = files.commit_all(pending)
-    _State.written = [str(p.out) for p in pending]
+    with files.held_signals():  # until the outputs are known to be written, a signal is only recorded
+        left = files.commit_all(pending)
+        _State.written = [str(p.out) for p in pending]
     for name in left:
         print(f"sparsify: warning: kept {name!r}, which sparsify did not write, beside the replaced output",
               file=sys.stderr)
     late = files.pending_signals()
     if late:
-        raise _Interrupted(late[0])
+        raise files.Interrupted(late[0])
 
 
 def _state_bytes(model) -> int:
@@ -600,9 +593,14 @@ def cmd_bench(args) -> int:
                "threads": torch.get_num_threads(),
                "inputs": [s.to_dict() for s in specs], "warmup": args.warmup, "repeat": args.repeat,
                "results": results, "speedup": speedup, "torch_version": torch.__version__}
-        write_file(args.json, json.dumps(doc, indent=1) + "\n", force=args.force, is_ours=_is_bench_json,
-                   what="--json")
-        _State.written = [str(args.json)]
+        from . import files
+
+        with files.held_signals():
+            write_file(args.json, json.dumps(doc, indent=1) + "\n", force=args.force, is_ours=_is_bench_json,
+                       what="--json")
+            _State.written = [str(args.json)]
+        if files.pending_signals():
+            raise files.Interrupted(files.pending_signals()[0])
         print(f"wrote {args.json}")
     return EXIT_OK
 
@@ -747,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                 if debug:
                     traceback.print_exc()
                 with files.held_signals():
+                    files.discard_live()  # staged outputs an interrupt caught mid-way
                     return _interrupt_exit(getattr(exc, "signum", signal.SIGINT))
             except (InputError, ValueError) as exc:
                 if debug:
@@ -762,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                       "(run with --debug for the traceback, and please report it)", file=sys.stderr)
                 return EXIT_INTERNAL
     finally:
+        files.discard_live()
         warnings.showwarning = old_showwarning
         for s, h in old_handlers.items():
             signal.signal(s, h)

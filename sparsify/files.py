@@ -59,6 +59,25 @@ _CHUNK = 1 << 20
 
 
 # ------------------------------------------------------------------ signals
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGINT / SIGTERM) ended the work; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Staged outputs not yet committed or discarded (so an interrupt anywhere can still remove them).
+_LIVE: list[Any] = []
+
+
+def discard_live() -> None:
+    """Remove every staged output of this process that was neither committed nor discarded."""
+    with held_signals():
+        for p in list(_LIVE):
+            p.discard()
+
+
 class _Signals:
     depth = 0
     pending: list[int] = []
@@ -82,13 +101,21 @@ def clear_signals() -> None:
 
 
 @contextlib.contextmanager
-def held_signals() -> Iterator[None]:
-    """Signals that arrive inside are recorded (see :func:`record_signal`), not raised."""
+def held_signals(deliver: bool = False) -> Iterator[None]:
+    """Signals that arrive inside are recorded (see :func:`record_signal`), not raised.
+
+    With ``deliver``, a signal recorded inside is raised (:class:`Interrupted`) on leaving,
+    unless another exception is already on its way or an outer hold is still active.
+    """
     _Signals.depth += 1
+    ok = False
     try:
         yield
+        ok = True
     finally:
         _Signals.depth -= 1
+    if deliver and ok and _Signals.depth == 0 and _Signals.pending:
+        raise Interrupted(_Signals.pending[0])
 
 
 # ------------------------------------------------------------------ reading
@@ -313,11 +340,6 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _remove_tree_we_made(path: Path) -> None:
-    with held_signals():
-        shutil.rmtree(path, ignore_errors=True)
-
-
 class PendingDir:
     """A folder staged beside ``out``, committed by :func:`commit_all` (or dropped).
 
@@ -332,14 +354,19 @@ class PendingDir:
         self.is_ours = is_ours
         self.what = what
         self.tmp = sibling(self.out, "tmp")
-        make_dir(self.tmp)
         self._aside: Path | None = None
         self._aside_files: list[str] = []
         self._committed = False
+        with held_signals(deliver=True):  # created and registered together: no interrupt in between
+            make_dir(self.tmp)
+            _LIVE.append(self)
 
     def discard(self) -> None:
-        if not self._committed and self.tmp.exists():
-            _remove_tree_we_made(self.tmp)
+        with held_signals():
+            if not self._committed and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            if self in _LIVE:
+                _LIVE.remove(self)
 
     def commit(self) -> None:
         fsync_dir(self.tmp)
@@ -386,6 +413,8 @@ class PendingDir:
 
     def finish(self) -> list[str]:
         """Delete the replaced output's known files; returns names left behind (not ours)."""
+        if self in _LIVE:
+            _LIVE.remove(self)
         left: list[str] = []
         if self._aside is not None:
             aside = self._aside
@@ -416,17 +445,21 @@ class PendingFile:
         self.tmp = sibling(self.out, "tmp")
         self._aside: Path | None = None
         self._committed = False
+        with held_signals(deliver=True):
+            _LIVE.append(self)
         try:
             write_new(self.tmp, data)
         except BaseException:
-            with held_signals(), contextlib.suppress(OSError):
-                self.tmp.unlink()
+            self.discard()
             raise
 
     def discard(self) -> None:
-        if not self._committed:
-            with held_signals(), contextlib.suppress(OSError):
-                self.tmp.unlink()
+        with held_signals():
+            if not self._committed:
+                with contextlib.suppress(OSError):
+                    self.tmp.unlink()
+            if self in _LIVE:
+                _LIVE.remove(self)
 
     def commit(self) -> None:
         if self.force and (self.out.exists() or self.out.is_symlink()):
@@ -462,6 +495,8 @@ class PendingFile:
         self.discard()
 
     def finish(self) -> list[str]:
+        if self in _LIVE:
+            _LIVE.remove(self)
         if self._aside is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._aside.unlink()
@@ -485,7 +520,7 @@ def commit_all(pending: Iterable[PendingDir | PendingFile]) -> list[str]:
                 p.commit()
                 done.append(p)
             if _Signals.pending:
-                raise KeyboardInterrupt
+                raise Interrupted(_Signals.pending[0])
         except BaseException:
             for p in reversed(done):
                 p.rollback()

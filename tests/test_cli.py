@@ -234,7 +234,19 @@ def test_doctor_options_reach_the_doctor_from_the_console_script(tmp_path):
 def test_a_signal_during_startup_imports_is_one_line(tmp_path, sig, code, word):
     p = subprocess.Popen([SCRIPT, "convert", f"{ROOT / ZOO}:mlp", "-o", str(tmp_path / "o")], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # well inside `import torch`
+    # The script may start through a shim (pyenv) that execs Python: wait until the process is Python
+    # and its entry point has installed its handlers (SIGTERM caught), then signal at once, well inside
+    # `import torch`, which takes seconds.
+    status = Path(f"/proc/{p.pid}/status")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            caught = int(next(ln for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+        except (OSError, StopIteration):
+            break
+        if caught & (1 << (signal.SIGTERM - 1)) and "python" in Path(f"/proc/{p.pid}/exe").resolve().name:
+            break
+        time.sleep(0.002)
     p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == code, err

@@ -40,7 +40,7 @@ def _rehash(art: Path, name: str) -> None:
 
 
 def test_round_trip_exported_and_factory(tmp_path):
-    cfg = sparsify.SparsifyConfig(density=0.5, rules=[sparsify.Rule("4", method="low_rank", tolerance=0.3)])
+    cfg = sparsify.SparsifyConfig(density=0.5, rules=[sparsify.Rule("4", method="low_rank", rank=8)])
     model, conv, x = _converted(config=cfg)
     out = sparsify.save(conv, tmp_path / "m", example_inputs=(x,), config=cfg)
     y = conv(x)
