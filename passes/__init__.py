@@ -6,6 +6,8 @@
     allocate_ranks      planning that needs weights and shapes: concrete ranks for the
                         factorizations (per layer, or a global compression= target)
                         and the forward each runs (factorized / reconstructed)
+    block_sparsify_layers  block_sparse on Conv1d / Conv2d and nn.LSTM, and the from-scratch
+                        patterns (pattern=..., init='fresh') on Linear
     block_sparsify      Linear / F.linear -> BlockSparseLinear
     factorize_low_rank  Linear / F.linear -> LowRankLinear
     factorize_cp        Linear / Conv1d / Conv2d -> CPLinear / CPConv
@@ -21,6 +23,7 @@ graph and the module-tree fallback.
 from .allocate_ranks import allocate_ranks
 from .annotate_shapes import annotate_shapes
 from .block_sparsify import block_sparsify
+from .block_sparsify_layers import block_sparsify_layers
 from .capture import CaptureWarning, capture
 from .check_lowered import check_lowered
 from .factorize_cp import factorize_cp
@@ -37,6 +40,7 @@ PIPELINE = [
     annotate_shapes,
     fold_batchnorm,
     allocate_ranks,
+    block_sparsify_layers,
     block_sparsify,
     factorize_low_rank,
     factorize_cp,

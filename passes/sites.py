@@ -126,6 +126,9 @@ def _module_sites(name: str, m: nn.Module) -> list[LayerSite]:
     if hf_conv1d(m):
         return [LayerSite(name, "Conv1D", m.weight.t(), m.bias, module=m, param=m.weight, transposed=True,
                           detail="weight stored [in, out]")]
+    if type(m) is nn.LSTM:  # block_sparse rewrites the whole layer (passes/block_sparsify_layers.py)
+        return [LayerSite(name, "LSTM", m.weight_hh_l0, None, module=m, param=m.weight_hh_l0,
+                          param_name=f"{name}.weight_hh_l0", detail="all its input and recurrent weights")]
     if isinstance(m, MODULE_TYPES):
         return [LayerSite(name, "Linear" if isinstance(m, nn.Linear) else type(m).__name__, m.weight, m.bias,
                           module=m)]

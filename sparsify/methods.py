@@ -94,6 +94,25 @@ def _forward(v: Any) -> None:
         raise ValueError(f"expected 'auto', 'factorized' or 'reconstructed'; got {v!r}")
 
 
+def _pattern(v: Any) -> None:
+    from .patterns import PATTERNS
+
+    if v not in PATTERNS:
+        raise ValueError(f"expected one of {', '.join(map(repr, PATTERNS))}; got {v!r}. 'magnitude' keeps the "
+                         "largest trained blocks; the others draw a pattern for training from scratch")
+
+
+def _init(v: Any) -> None:
+    if v not in ("copy", "fresh"):
+        raise ValueError(f"expected 'copy' (keep the trained weights' blocks) or 'fresh' (initialize for "
+                         f"training from scratch); got {v!r}")
+
+
+def _seed(v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an int; got {v!r}. The same seed draws the same patterns")
+
+
 #: Validators by parameter name; a method's parameters must all appear here.
 PARAM_VALIDATORS: dict[str, Callable[[Any], None]] = {
     "density": _density,
@@ -107,6 +126,10 @@ PARAM_VALIDATORS: dict[str, Callable[[Any], None]] = {
     "calibration_data": _calibration_data,
     "rank_multiple": _rank_multiple,
     "forward": _forward,
+    # training from scratch (issue #12): see sparsify/patterns.py and docs/training.md
+    "pattern": _pattern,
+    "init": _init,
+    "seed": _seed,
 }
 
 
@@ -149,11 +172,26 @@ def register_method(spec: MethodSpec) -> None:
     METHODS[spec.name] = spec
 
 
+def _resolve_block_sparse(params: dict[str, Any]) -> dict[str, Any]:
+    """The options of training from scratch appear only when they differ from conversion's defaults,
+    so a plain conversion's parameters (report, saved decisions) read as before."""
+    out = dict(params)
+    if out.get("pattern") == "magnitude":
+        out.pop("pattern")
+        out.pop("seed", None)  # only a drawn pattern uses the seed
+    if out.get("init") == "copy":
+        out.pop("init")
+    return out
+
+
 register_method(MethodSpec(
     name="block_sparse",
-    defaults={"density": 0.25, "block_size": 32},
-    layer_types=("Linear",),
-    description="keep the largest-norm blocks of the weight",
+    defaults={"density": 0.25, "block_size": 32, "pattern": "magnitude", "init": "copy", "seed": 0},
+    layer_types=("Linear", "Conv1d", "Conv2d", "LSTM"),
+    resolve=_resolve_block_sparse,
+    description="keep the largest-norm blocks of the weight (pattern='magnitude', init='copy'), or draw a "
+                "random / small-world / scale-free block pattern (pattern=..., seed=...) and initialize it "
+                "for training from scratch (init='fresh'); Linear, Conv1d / Conv2d (channel blocks), nn.LSTM",
 ))
 #: Parameters every factorization takes beyond ``rank`` / ``tolerance`` (issue #3).
 _GLOBAL_DEFAULTS: dict[str, Any] = {

@@ -69,7 +69,8 @@ _NOT_TAKEN = {
     "Embedding": "an embedding table (a lookup, not a product): no method rewrites embeddings",
     "EmbeddingBag": "an embedding table (a lookup, not a product): no method rewrites embeddings",
     "LSTM": "a recurrent layer's weights: no method rewrites nn.LSTM yet",
-    "GRU": "a recurrent layer's weights: no method rewrites nn.GRU yet",
+    "GRU": ("a recurrent layer's weights: no method rewrites nn.GRU yet (block_sparse rewrites nn.LSTM; a GRU's "
+            "reset gate multiplies the recurrent product, so it needs a recurrence op of its own)"),
     "RNN": "a recurrent layer's weights: no method rewrites nn.RNN yet",
     "Conv3d": "a Conv3d kernel: no method rewrites Conv3d yet",
     "ConvTranspose1d": "a transposed-conv kernel: no method rewrites transposed convolutions yet",
@@ -81,6 +82,8 @@ _NOT_TAKEN = {
 def _other_weights(module: nn.Module, sites, traced: bool, how: str) -> list[Decision]:
     """A dense row for every 2-D or conv weight that is not a site, with the reason."""
     covered = {id(s.param) for s in sites}
+    # a site that stands for a whole layer (nn.LSTM) covers all of its weights
+    covered |= {id(p) for s in sites if s.layer_type == "LSTM" for p in s.module.parameters()}
     rows = []
     seen: set[int] = set()
     for mname, m in module.named_modules():

@@ -26,10 +26,16 @@ def masked_reference(original: nn.Module, converted: nn.Module) -> nn.Module:
         if d.method != "block_sparse":
             continue
         layer = converted.get_submodule(d.result["module"])
-        mask = layer.layout.element_mask()
-        weight_name = d.name if d.layer_type == "F.linear" else f"{d.name}.weight"
-        with torch.no_grad():
-            ref.get_parameter(weight_name).mul_(mask.to(ref.get_parameter(weight_name).dtype))
+        if d.layer_type == "LSTM":  # every weight of the layer: weight_ih_l0, weight_hh_l0, ...
+            masks = {f"{d.name}.{n}": w.layout.element_mask() for n, w in layer.named_children()}
+        else:
+            weight_name = d.name if d.layer_type == "F.linear" else f"{d.name}.weight"
+            masks = {weight_name: layer.layout.element_mask()}
+        for weight_name, mask in masks.items():
+            p = ref.get_parameter(weight_name)
+            mask = mask.view(*mask.shape, *([1] * (p.dim() - 2)))  # a conv kernel: the same mask for every tap
+            with torch.no_grad():
+                p.mul_(mask.to(p.dtype))
     return ref
 
 

@@ -29,6 +29,7 @@ from ..runtime import ops_conv  # noqa: F401  (registers torch.ops.sparsify.bsco
 from ..runtime.executors.cpu_conv import dense_conv_weight
 from .block_sparse import activation_module
 from .sparse_weight import BlockSparseParams, init_block_sparse_
+from .weight_view import ConvLike
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "channel_block_norms"]
 
@@ -46,8 +47,9 @@ def channel_block_norms(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().flatten(2).pow(2).sum(-1).sqrt()
 
 
-class _BlockSparseConvNd(BlockSparseParams, nn.Module):
-    """The shared body: settings, padding, pattern, init, conversions."""
+class _BlockSparseConvNd(ConvLike, BlockSparseParams, nn.Module):
+    """The shared body: settings, padding, pattern, init, conversions.  ``weight`` is the dense
+    kernel as a view (``sparsify.modules.weight_view.ConvLike``): model code that reads it keeps working."""
 
     _nd: int
 
