@@ -152,12 +152,25 @@ def _describe_inputs(specs) -> str:
     return " ".join("None" if s is None else str(s) for s in specs) or "none"
 
 
+def _call(model, inputs) -> Any:
+    """Run ``model`` on positional inputs (a tuple) or keyword inputs (a dict, from an artifact's input_names)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def _named(inputs: tuple, manifest: dict | None, args) -> tuple | dict:
+    """The recorded keyword names, when the inputs came from the artifact (not --input-shape)."""
+    names = (manifest or {}).get("input_names")
+    if names and not getattr(args, "input_shape", None) and len(names) == len(inputs):
+        return dict(zip(names, inputs))
+    return inputs
+
+
 def _check_inputs_fit(model, inputs, specs, what: str) -> Any:
     import torch
 
     try:
         with torch.no_grad():
-            return model(*inputs)
+            return _call(model, inputs)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"--input-shape {_describe_inputs(specs)} does not fit {what}: "
@@ -454,17 +467,17 @@ def cmd_verify(args) -> int:
     specs = _input_specs(args, spec, manifest)
     if not specs:
         raise InputError("verify needs input shapes: pass --input-shape (the artifact recorded none).")
-    inputs = _make_inputs(specs, spec, args.seed + 1)
+    inputs = _named(_make_inputs(specs, spec, args.seed + 1), manifest, args)
     _check_inputs_fit(original, inputs, specs, spec.target)
     converted = load(args.artifact, factory=original)
     converted.eval()
     reference = densify(converted).eval()
     with torch.no_grad():
-        outs = {"original": _flatten(original(*inputs)), "converted": _flatten(converted(*inputs)),
-                "reference": _flatten(reference(*inputs))}
+        outs = {"original": _flatten(_call(original, inputs)), "converted": _flatten(_call(converted, inputs)),
+                "reference": _flatten(_call(reference, inputs))}
         exported_outs = None
         if manifest.get("program"):
-            exported_outs = _flatten(load(args.artifact, source="program")(*inputs))
+            exported_outs = _flatten(_call(load(args.artifact, source="program"), inputs))
     fp = manifest.get("source_fingerprint")
     same_source = fp is None or fp == _fingerprint(original)
     rows = [["output", "shape", "vs dense reference: max abs", "max rel", "vs original: max abs", "max rel"]]
@@ -495,13 +508,13 @@ def _time(fn, inputs, *, warmup: int, repeat: int, cuda: bool) -> list[float]:
 
     with torch.no_grad():
         for _ in range(warmup):
-            fn(*inputs)
+            _call(fn, inputs)
         if cuda:
             torch.cuda.synchronize()
         times = []
         for _ in range(repeat):
             t = time.perf_counter()
-            fn(*inputs)
+            _call(fn, inputs)
             if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t) * 1e3)
@@ -564,7 +577,7 @@ def cmd_bench(args) -> int:
         raise InputError("bench needs input shapes: pass --input-shape.")
     inputs = _make_inputs(specs, int_spec or spec, args.seed)
     dev = torch.device(args.device)
-    inputs = tuple(x.to(dev) for x in inputs)
+    inputs = _named(tuple(None if x is None else x.to(dev) for x in inputs), manifest, args)
     models = {"dense": dense, "converted": converted}
     results: dict[str, Any] = {}
     for name, m in models.items():

@@ -281,7 +281,13 @@ def stage_artifact(
         config = config.to_dict()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if example_inputs is not None:
+    input_names = None
+    if isinstance(example_inputs, dict):  # keyword inputs, as Hugging Face models take them
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise InputError("save(example_inputs=...): a dict of keyword inputs needs string keys.")
+        input_names = list(example_inputs)
+        inputs_record = [_input_record(x) for x in example_inputs.values()]
+    elif example_inputs is not None:
         example_inputs = tuple(example_inputs)
         inputs_record = [_input_record(x) for x in example_inputs]
     else:
@@ -339,6 +345,7 @@ def stage_artifact(
             "hf": hf,
             "config": _jsonable(config),
             "inputs": inputs_record,
+            "input_names": input_names,
             "training": module.training,
             "plan": None if not isinstance(plan, Plan) else {
                 "traced": plan.traced, "capture_note": plan.capture_note, "notes": list(plan.notes),
@@ -530,7 +537,7 @@ def _replay_params(d: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _replay_inputs(manifest: dict[str, Any], where: str) -> tuple | None:
+def _replay_inputs(manifest: dict[str, Any], where: str) -> tuple | dict | None:
     recs = manifest.get("inputs")
     if not recs:
         return None
@@ -538,7 +545,13 @@ def _replay_inputs(manifest: dict[str, Any], where: str) -> tuple | None:
              for i, r in enumerate(recs)]
     real = make_inputs([s for s in specs if s is not None], int_high=1)
     it = iter(real)
-    return tuple(None if s is None else next(it) for s in specs)
+    values = tuple(None if s is None else next(it) for s in specs)
+    names = manifest.get("input_names")
+    if names:
+        if len(names) != len(values):
+            raise InputError(f"{where}/manifest.json: field input_names: {len(names)} names for {len(values)} inputs")
+        return dict(zip(names, values))
+    return values
 
 
 def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:

@@ -205,6 +205,7 @@ MANIFEST = Obj({
                    "transformers_version": Str(64)}, ("class", "config"))),
     "config": Opt(Map(Json(), 1000, 256)),
     "inputs": Opt(List(_INPUT, 64)),
+    "input_names": Opt(List(Str(64, r"[A-Za-z_][A-Za-z0-9_]*"), 64)),
     "training": Bool(),
     "plan": Opt(Obj({"traced": Bool(), "capture_note": Opt(Str(4096)), "notes": List(Str(4096), 10_000),
                      "decisions": List(DECISION, MAX_DECISIONS)}, ("traced", "decisions"))),

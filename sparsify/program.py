@@ -241,26 +241,32 @@ def export_program(
     is what loads.
     """
     kwargs = dict(kwargs or {})
+    keyword_inputs: dict[str, Any] = {}
+    if isinstance(example_inputs, dict):  # keyword example inputs (as Hugging Face models take them)
+        keyword_inputs = dict(example_inputs)
+        example_inputs = ()
+        kwargs = {**{k: v for k, v in kwargs.items() if k not in keyword_inputs}, **keyword_inputs}
     was_training = {m: m.training for m in module.modules()}
     module.eval()
     try:
         with torch.no_grad():
             try:
-                dyn = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None
-                            for x in example_inputs)
+                auto = lambda x: {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None  # noqa: E731
+                dyn = tuple(auto(x) for x in example_inputs)
                 ep = torch.export.export(module, tuple(example_inputs), kwargs=kwargs or None,
-                                         dynamic_shapes=(dyn, {k: None for k in kwargs}) if kwargs else dyn)
+                                         dynamic_shapes=(dyn, {k: auto(v) for k, v in kwargs.items()}) if kwargs
+                                         else dyn)
             except Exception:
                 try:
                     ep = torch.export.export(module, tuple(example_inputs), kwargs=kwargs or None)
                 except Exception as exc:
                     msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                     raise Unsupported(f"torch.export failed: {type(exc).__name__}: {msg}") from exc
-            doc, tensors = _encode(ep, example_inputs, kwargs)
+            doc, tensors = _encode(ep, example_inputs, kwargs, set(keyword_inputs))
             # What we write must be what we load, and compute what the model computes.
             prog = build_program(doc, [t for _, t in tensors])
             expected = module(*example_inputs, **kwargs)
-            got = prog(*example_inputs)
+            got = prog(*example_inputs, **keyword_inputs)
             _compare(expected, got)
     finally:
         for m, t in was_training.items():
@@ -295,7 +301,7 @@ def _flatten_out(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any]) -> tuple[dict, list]:
+def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any], keyword_inputs: set[str]) -> tuple[dict, list]:
     sig = ep.graph_signature
     kinds = {"InputKind.PARAMETER": "parameter", "InputKind.BUFFER": "buffer",
              "InputKind.CONSTANT_TENSOR": "buffer", "InputKind.USER_INPUT": "input"}
@@ -327,22 +333,34 @@ def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any]) -> tuple[dic
         refs[node] = {"tensor": len(tensors)}
         tensors.append((kind, t.detach()))
 
-    # Inputs: the positional example inputs, each a tensor or None; keyword arguments are baked in.
+    # Inputs: the positional example inputs, each a tensor or None, then the keyword inputs (tensors, by
+    # name); other keyword arguments (use_cache=False) are baked in.  The user-input placeholders come in
+    # the order torch flattened (args, kwargs): positional first, then the keywords in the spec's order.
     inputs: list[dict[str, Any]] = []
     symbols: dict[Any, str] = {}
     sym_info: dict[str, dict[str, int]] = {}
-    tensor_nodes = [leaf[1] for leaf in user_leaves if leaf[0] == "tensor"]
-    positional_tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
-    if len(tensor_nodes) != len(positional_tensors):
-        raise Unsupported("only positional tensor inputs (and None) can be stored")
-    it = iter(tensor_nodes)
-    for x in example_inputs:
+    in_spec = ep.call_spec.in_spec
+    args_spec, kwargs_spec = _treespec_children(in_spec)
+    leaves = iter(user_leaves)
+    wanted: list[tuple[str | None, Any, Any]] = []  # (keyword or None, example value, leaf)
+    for x, child in zip(example_inputs, _treespec_children(args_spec)):
+        wanted.append((None, x, next(leaves) if _is_leaf(child) else None))
+    for key, child in zip(list(kwargs_spec.context), _treespec_children(kwargs_spec)):
+        leaf = next(leaves) if _is_leaf(child) else None
+        if key in keyword_inputs:
+            wanted.append((key, kwargs[key], leaf))
+        elif leaf is not None and leaf[0] == "tensor":
+            raise Unsupported(f"keyword argument {key!r} is a tensor but not an example input")
+    for key, x, leaf in wanted:
+        if key is not None and not _IDENT.match(key):
+            raise Unsupported(f"keyword input {key[:40]!r} is not an identifier")
         if x is None:
-            inputs.append({"kind": "none"})
+            if key is None:
+                inputs.append({"kind": "none"})
             continue
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or leaf is None or leaf[0] != "tensor":
             raise Unsupported(f"an example input is a {type(x).__name__}; a program takes tensors or None")
-        node = next(it)
+        node = leaf[1]
         j = sum(1 for i in inputs if i["kind"] == "tensor")
         refs[node] = {"input": j}
         val = node.meta.get("val")
@@ -362,7 +380,10 @@ def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any]) -> tuple[dic
                 hi = int(rng.upper) if rng is not None and _finite(rng.upper) else MAX_DIM
                 sym_info[name] = {"min": lo, "max": min(hi, MAX_DIM), "example": int(concrete)}
             shape.append(symbols[expr])
-        inputs.append({"kind": "tensor", "dtype": _rev(_DTYPES, x.dtype, "dtype"), "shape": shape})
+        spec = {"kind": "tensor", "dtype": _rev(_DTYPES, x.dtype, "dtype"), "shape": shape}
+        if key is not None:
+            spec["name"] = key
+        inputs.append(spec)
     if len(symbols) > MAX_SYMBOLS:
         raise Unsupported(f"{len(symbols)} symbolic dimensions; at most {MAX_SYMBOLS} are stored")
 
@@ -390,7 +411,7 @@ def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any]) -> tuple[dic
         "tensors": [{"kind": k, "key": None, "dtype": _rev(_DTYPES, t.dtype, "dtype"), "shape": list(t.shape)}
                     for k, t in tensors],
         "inputs": inputs, "symbols": sym_info, "nodes": nodes, "outputs": tree,
-        "baked_kwargs": sorted(kwargs),
+        "baked_kwargs": sorted(set(kwargs) - keyword_inputs),
     }
     return doc, tensors
 
@@ -608,7 +629,10 @@ def _parse_inputs(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, 
             _dict(spec, where, {"kind"}, {"kind"})
             inputs.append({"kind": "none"})
             continue
-        _dict(spec, where, {"kind", "dtype", "shape"}, {"kind", "dtype", "shape"})
+        _dict(spec, where, {"kind", "dtype", "shape", "name"}, {"kind", "dtype", "shape"})
+        if "name" in spec and (not isinstance(spec["name"], str) or not _IDENT.match(spec["name"])
+                               or not spec["name"] or spec["name"][0].isdigit()):
+            raise _reject(f"{where}.name: {_show(spec['name'])} is not an identifier")
         if not isinstance(spec["dtype"], str) or spec["dtype"] not in _DTYPES:
             raise _reject(f"{where}.dtype: unknown dtype {_show(spec['dtype'])}")
         shape = []
@@ -622,7 +646,12 @@ def _parse_inputs(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, 
         example = [symbols[d]["example"] if isinstance(d, str) else d for d in shape]
         if math.prod(example) > MAX_NUMEL:
             raise _reject(f"{where}: example shape {example} has more than {MAX_NUMEL} elements")
-        inputs.append({"kind": "tensor", "dtype": spec["dtype"], "shape": shape})
+        inputs.append({"kind": "tensor", "dtype": spec["dtype"], "shape": shape, "name": spec.get("name")})
+    names = [i["name"] for i in inputs if i.get("name")]
+    if len(names) != len(set(names)):
+        raise _reject("inputs: a keyword input is named twice")
+    if any(i.get("name") is None for i in inputs[len([i for i in inputs if not i.get("name")]):]):
+        raise _reject("inputs: positional inputs must come before keyword inputs")
     return inputs, symbols
 
 
@@ -887,12 +916,23 @@ class LoadedProgram(nn.Module):
         with torch.no_grad():
             _MetaCheck(self.program, time.monotonic() + CHECK_SECONDS).run(*args)
 
-    def _check_inputs(self, inputs: tuple) -> list[torch.Tensor]:
-        if len(inputs) != len(self.input_specs):
-            raise ValueError(f"this program takes {len(self.input_specs)} positional inputs, got {len(inputs)}")
+    def _check_inputs(self, inputs: tuple, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        positional = [s for s in self.input_specs if not s.get("name")]
+        keyword = {s["name"]: s for s in self.input_specs if s.get("name")}
+        if len(inputs) != len(positional):
+            raise ValueError(f"this program takes {len(positional)} positional inputs, got {len(inputs)}")
+        unknown = sorted(set(kwargs) - set(keyword))
+        if unknown:
+            raise ValueError(f"this program takes no keyword input {unknown[0]!r} (it takes: "
+                             f"{', '.join(keyword) or 'none'})")
+        missing = sorted(set(keyword) - set(kwargs))
+        if missing:
+            raise ValueError(f"this program needs the keyword input {missing[0]!r}")
+        values = list(inputs) + [kwargs[k] for k in keyword]
+        specs = positional + list(keyword.values())
         seen: dict[str, int] = {}
         out = []
-        for i, (x, s) in enumerate(zip(inputs, self.input_specs)):
+        for i, (x, s) in enumerate(zip(values, specs)):
             if s["kind"] == "none":
                 if x is not None:
                     raise ValueError(f"input {i} must be None (it was None when the program was saved)")
@@ -914,8 +954,8 @@ class LoadedProgram(nn.Module):
             out.append(x)
         return out
 
-    def forward(self, *inputs: Any) -> Any:
-        flat = self.program(*self._check_inputs(inputs))
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        flat = self.program(*self._check_inputs(inputs, kwargs))
         return _build_tree(self._tree, flat)
 
     def extra_repr(self) -> str:

@@ -239,3 +239,23 @@ def test_the_real_all_minilm_l6_v2_checkpoint_converts(tmp_path, capsys):
     assert rc == 0, e
     assert "encoder.layer.5.output.dense" in o and "block_sparse" in o
     assert type(sparsify.load(tmp_path / "minilm")).__name__ == "BertModel"
+
+
+def test_keyword_example_inputs_are_recorded_and_replayed(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, (ids,) = _model("bert")
+    model.eval()
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    conv = sparsify.sparsify(model, density=0.5, block_size=16, min_size=0, example_inputs=x)
+    out = sparsify.save(conv, tmp_path / "bert", example_inputs=x)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["input_names"] == ["input_ids", "attention_mask"] and m["program"], m["program_note"]
+    with torch.no_grad():
+        expected = conv(**x)
+        _assert_equal_outputs(sparsify.load(out)(**x), expected)
+        prog = sparsify.load(out, source="program")
+        _assert_equal_outputs(prog(**x), expected)
+        with pytest.raises(ValueError, match="no keyword input 'nope'"):
+            prog(**x, nope=ids)
+    rc, o, e = run(capsys, "bench", out, "--repeat", "1", "--warmup", "0")
+    assert rc == 0, e
