@@ -412,7 +412,7 @@ class KernelMap:
 
 
 def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: torch.Tensor) -> KernelMap:
-    """Pairs ``(i, o)`` with ``out_map[o] + offsets[k] == in_map[i]``, one offset at a time.
+    """Pairs ``(i, o)`` with ``out_map[o] + offsets[k] == in_map[i]``, grouped by offset.
 
     Example:
         >>> a = CoordinateMap(torch.tensor([[0, 0], [0, 1], [0, 3]], dtype=torch.int32), (1,))
@@ -454,10 +454,21 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     hash_ex = _hash_executor(dev)
     # Every (offset, point) query at once, in chunks of offsets bounded in memory; the
     # identity offset of a same-map kernel needs no query.
-    ins, outs, counts = [], [], []
+    # A same-map kernel whose offsets come in +/- pairs (odd hyper-cubes and crosses) has a
+    # symmetric map: the pairs of -offset are those of +offset swapped.  Query half of them.
+    mirror: dict[int, int] = {}
+    if same:
+        pos = {tuple(o): k for k, o in enumerate(offsets.tolist())}
+        for k, o in enumerate(offsets.tolist()):
+            j = pos.get(tuple(-v for v in o))
+            if j is not None and j < k:
+                mirror[k] = j
+    query = [k for k in range(len(shifts)) if k not in mirror]
+    got_in: dict[int, torch.Tensor] = {}
+    got_out: dict[int, torch.Tensor] = {}
     per = max(1, (1 << 24) // max(1, base.shape[0]))
-    for k0 in range(0, len(shifts), per):
-        ks = list(range(k0, min(len(shifts), k0 + per)))
+    for c0 in range(0, len(query), per):
+        ks = query[c0:c0 + per]
         if hash_ex is not None:  # CUDA: the hash kernels answer the queries
             from .cuda import kernel_map_rows
 
@@ -471,9 +482,16 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
         m = rows.shape[1]
         flat = torch.nonzero(rows.reshape(-1) >= 0).squeeze(1)  # ordered by offset, then by point
         kk = torch.div(flat, m, rounding_mode="floor")
-        ins.append(rows.reshape(-1).index_select(0, flat).to(itype))
-        outs.append(rows_near.index_select(0, flat - kk * m))
-        counts += torch.bincount(kk, minlength=len(ks)).tolist()
+        ins_c = rows.reshape(-1).index_select(0, flat).to(itype)
+        outs_c = rows_near.index_select(0, flat - kk * m)
+        sizes = torch.bincount(kk, minlength=len(ks)).tolist()
+        for k, a, b in zip(ks, ins_c.split(sizes), outs_c.split(sizes)):
+            got_in[k], got_out[k] = a, b
+    for k, j in mirror.items():
+        got_in[k], got_out[k] = got_out[j], got_in[j]
+    ins = [got_in[k] for k in range(len(shifts))]
+    outs = [got_out[k] for k in range(len(shifts))]
+    counts = [t.shape[0] for t in ins]
     bounds = [0]
     for c in counts:
         bounds.append(bounds[-1] + int(c))

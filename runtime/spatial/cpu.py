@@ -109,6 +109,37 @@ class SpatialCPUExecutor:
                 torch.mm(xs.T, gs, out=dw[k])
         return dw
 
+    def conv_backward(self, x, dy, w, in_idx, out_idx, k_offsets, identity_k: int, depthwise: bool):
+        """``(dx, dW)`` together: each offset gathers ``dy[out_k]`` and ``x[in_k]`` once for both."""
+        cin = x.shape[1]
+        k_vol = len(k_offsets) - 1
+        ident = identity_k >= 0 and x.shape[0] == dy.shape[0]
+        dw = x.new_zeros((k_vol, cin) if depthwise else (k_vol, cin, dy.shape[1]))
+        if ident:
+            wk = w[identity_k]
+            dx = (dy * wk) if depthwise else dy @ wk.T
+            dx = dx.contiguous()
+            if depthwise:
+                dw[identity_k] = (x * dy).sum(0)
+            else:
+                torch.mm(x.T, dy, out=dw[identity_k])
+        else:
+            dx = x.new_zeros(x.shape[0], cin)
+        gbuf, pbuf = self._workspace(dy, k_offsets, identity_k if ident else -1, dy.shape[1], cin)
+        xbuf, _ = self._workspace(x, k_offsets, identity_k if ident else -1, cin, 0)
+        for k, a, b in _groups(k_offsets):
+            if k == identity_k and ident:
+                continue
+            g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
+            xs = torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a])
+            if depthwise:
+                dx.index_add_(0, in_idx[a:b], torch.mul(g, w[k], out=pbuf[: b - a]))
+                dw[k] = (xs * g).sum(0)
+            else:
+                dx.index_add_(0, in_idx[a:b], torch.mm(g, w[k].T, out=pbuf[: b - a]))
+                torch.mm(xs.T, g, out=dw[k])
+        return dx, dw
+
     # ------------------------------------------------------------ pooling
     def pool_forward(self, x, in_idx, out_idx, n_out: int, mode: str):
         c = x.shape[1]

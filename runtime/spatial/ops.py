@@ -35,6 +35,7 @@ from .cpu import POOL_MODES, SpatialCPUExecutor
 __all__ = [
     "register_spatial_executor",
     "spatial_conv",
+    "spatial_conv_backward",
     "spatial_conv_dgrad",
     "spatial_conv_wgrad",
     "spatial_executor_for",
@@ -170,6 +171,26 @@ def _(x, dy, in_idx, out_idx, k_offsets, identity_k, depthwise):
     return x.new_empty(k, x.shape[1]) if depthwise else x.new_empty(k, x.shape[1], dy.shape[1])
 
 
+@torch.library.custom_op("sparsify::spatial_conv_backward", mutates_args=())
+def spatial_conv_backward(x: Tensor, dy: Tensor, weight: Tensor, in_idx: Tensor, out_idx: Tensor,
+                          k_offsets: list[int], identity_k: int, depthwise: bool) -> tuple[Tensor, Tensor]:
+    """``(dx, dW)`` of ``spatial_conv`` in one pass (each offset gathers ``dy`` and ``x`` once)."""
+    _check_conv("spatial_conv_backward", dy, weight, in_idx, out_idx, k_offsets, depthwise, "dy")
+    ex = spatial_executor_for(dy.device)
+    args = (in_idx, out_idx, k_offsets)
+    if hasattr(ex, "conv_backward"):
+        dx, dw = ex.conv_backward(x.contiguous(), dy.contiguous(), weight.contiguous(), *args, identity_k, depthwise)
+    else:
+        dx = ex.conv_dgrad(dy.contiguous(), weight.contiguous(), *args, x.shape[0], identity_k, depthwise)
+        dw = ex.conv_wgrad(x.contiguous(), dy.contiguous(), *args, identity_k, depthwise)
+    return dx.contiguous(), dw.contiguous()
+
+
+@spatial_conv_backward.register_fake
+def _(x, dy, weight, in_idx, out_idx, k_offsets, identity_k, depthwise):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
 def _conv_setup(ctx, inputs, output):
     x, weight, in_idx, out_idx, k_offsets, n_out, identity_k, depthwise = inputs
     ctx.save_for_backward(x, weight, in_idx, out_idx)
@@ -180,6 +201,10 @@ def _conv_backward(ctx, dy):
     x, weight, in_idx, out_idx = ctx.saved_tensors
     dy = dy.contiguous()
     dx = dw = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        dx, dw = torch.ops.sparsify.spatial_conv_backward(x, dy, weight, in_idx, out_idx, ctx.k_offsets,
+                                                          ctx.identity_k, ctx.depthwise)
+        return dx, dw, None, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         dx = torch.ops.sparsify.spatial_conv_dgrad(dy, weight, in_idx, out_idx, ctx.k_offsets, x.shape[0],
                                                    ctx.identity_k, ctx.depthwise)
