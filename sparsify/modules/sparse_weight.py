@@ -176,9 +176,13 @@ class BlockSparseParams:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         ro, ci = state_dict.get(prefix + "row_offsets"), state_dict.get(prefix + "col_indices")
+        # Compared with the layout the derived metadata was built from, not with the buffers: a loader
+        # that writes into the module's own tensors (torch.distributed.checkpoint.load) has already
+        # overwritten row_offsets / col_indices in place, leaving the derived buffers stale.
+        lay = self.layout
         if ro is not None and ci is not None and (
-            ci.shape != self.col_indices.shape or not torch.equal(ci.cpu().int(), self.col_indices.cpu())
-            or not torch.equal(ro.cpu().int(), self.row_offsets.cpu())
+            ci.shape != lay.col_indices.shape or not torch.equal(ci.cpu().int(), lay.col_indices)
+            or not torch.equal(ro.cpu().int(), lay.row_offsets)
         ):
             # A different pattern: adopt it, then let the default loader fill values.
             try:
@@ -186,7 +190,10 @@ class BlockSparseParams:
             except ValueError as exc:
                 error_msgs.append(f"{prefix}: invalid block-sparse pattern in the state_dict: {exc}")
                 return
-            self.values = self._new_values(layout.nnz, self.values.device, self.values.dtype)
+            # The same block count (a layout changed by dynamic sparsity) keeps the parameter object:
+            # optimizers, DDP's reducer and FSDP2 hold it, and the default loader fills it in place.
+            if layout.nnz != self.values.shape[0]:
+                self.values = self._new_values(layout.nnz, self.values.device, self.values.dtype)
             self._set_layout(layout, device=self.values.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
