@@ -382,7 +382,42 @@ def _dynamic(mode: str, rank: int, out: Path) -> None:
                     tensors[f"layout/{step}/{n}"] = b
         for n, p in model.named_parameters():
             tensors[f"final/{n}"] = _full(p)
+        if kind == "set":
+            tensors.update(_resume_changed_layouts(mode, wrapped, model, opt, rank, out))
         _save(out / f"dynamic-{kind}-{mode}-rank{rank}", tensors)
+
+
+def _resume_changed_layouts(mode: str, wrapped, model: nn.Module, opt, rank: int, out: Path) -> dict:
+    """Checkpoint a model whose layouts dynamic sparsity changed; restore it into a freshly built (wrapped)
+    model that still has the original layouts; the next step must equal the uninterrupted run's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ckpt = out / f"dcp-dynamic-{mode}"
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(ckpt))
+    fresh = _build_dynamic()
+    fresh_wrapped = DDP(fresh) if mode == "ddp" else fresh
+    if mode != "ddp":
+        _shard_layers(fresh)
+    opt2 = _optimizer(fresh.parameters())
+    msd2, osd2 = get_state_dict(fresh, opt2)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=str(ckpt))
+    set_state_dict(fresh, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    g = torch.Generator().manual_seed(98)
+    x = torch.randn(WORLD * BATCH, 64, generator=g)[rank::WORLD]
+    y = torch.randn(WORLD * BATCH, 8, generator=g)[rank::WORLD]
+    result = {}
+    for tag, (w, m, o) in {"continued": (wrapped, model, opt), "resumed": (fresh_wrapped, fresh, opt2)}.items():
+        w.train()
+        o.zero_grad()
+        _loss(w(x), y).backward()
+        o.step()
+        result.update({f"{tag}/{n}": _full(p) for n, p in m.named_parameters()})
+        result.update({f"{tag}/{n}": b for n, b in _index_buffers(m).items()})
+    return result
 
 
 def _build_dynamic() -> nn.Module:
@@ -634,6 +669,12 @@ def test_dynamic_sparsity_changes_layouts_identically_on_every_rank(results, kin
     assert changed, "no layout changed: the test would not see a divergence"
     for k, v in last.items():  # density is fixed: the same block count
         assert v.shape == initial[k].shape, k
+    if kind == "set":  # a checkpoint of the changed layouts resumes exactly in a model built with the old ones
+        resumed = [k for k in runs[0] if k.startswith("resumed/")]
+        assert resumed
+        for r in range(WORLD):
+            for k in resumed:
+                assert torch.equal(runs[r][k], runs[r]["continued/" + k[len("resumed/"):]]), (r, k)
     if kind == "set":
         # SET's decisions depend on the (replicated) values and a seed only: one process on the
         # concatenated batches makes the same ones and ends at the same parameters.
@@ -665,3 +706,41 @@ def test_refusals_name_the_problem(results):
         assert info["mismatch_error"] is not None and "1.col_indices" in info["mismatch_error"]
         assert "rank 1" in info["mismatch_error"]
 
+
+
+# ----------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("kind", ["linear", "conv", "lstm"])
+def test_a_pattern_written_in_place_is_adopted_with_its_metadata(kind):
+    """What ``torch.distributed.checkpoint.load`` does to a module: it writes the checkpoint's pattern and
+    values into the module's own tensors, then ``load_state_dict`` runs on them.  The derived metadata
+    must follow, and with the same block count the ``values`` parameter keeps its identity (optimizers,
+    DDP and FSDP2 hold it)."""
+    from sparsify.dynamic import sparse_weight_modules
+    from sparsify.modules import BlockSparseConv2d, BlockSparseLinear, BlockSparseLSTM
+    from sparsify.patterns import random_layout
+
+    def build(seed):
+        torch.manual_seed(0)
+        if kind == "linear":
+            return BlockSparseLinear(48, 40, random_layout((40, 48), 8, 0.5, seed=seed))
+        if kind == "conv":
+            return BlockSparseConv2d(24, 16, 3, random_layout((16, 24), 8, 0.5, seed=seed), padding=1)
+        return BlockSparseLSTM(16, 16, density=0.5, block_size=8, pattern="random", seed=seed)
+
+    source, target = build(1), build(2)
+    assert any(not torch.equal(a, b) for a, b in zip(source.buffers(), target.buffers()))
+    ids = {n: id(m.values) for n, m in sparse_weight_modules(target)}
+    state = target.state_dict()
+    with torch.no_grad():  # the in-place write
+        for k, v in source.state_dict().items():
+            state[k].copy_(v)
+    target.load_state_dict(state)
+    for (n, m), (_, ref) in zip(sparse_weight_modules(target), sparse_weight_modules(source)):
+        assert id(m.values) == ids[n]
+        for name, buf in ref.named_buffers():
+            assert torch.equal(getattr(m, name), buf), (n, name)
+        assert m.layout == ref.layout
+    x = torch.randn(2, 5, 16) if kind == "lstm" else torch.randn(3, 48) if kind == "linear" else torch.randn(2, 24, 6, 6)
+    out_t, out_s = target(x), source(x)
+    torch.testing.assert_close(out_t[0] if kind == "lstm" else out_t, out_s[0] if kind == "lstm" else out_s,
+                               rtol=0, atol=0)
