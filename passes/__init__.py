@@ -6,6 +6,9 @@
     allocate_ranks      planning that needs weights and shapes: concrete ranks for the
                         factorizations (per layer, or a global compression= target)
                         and the forward each runs (factorized / reconstructed)
+    calibrate           with calibration data: every planned layer converted in forward
+                        order from the statistics of the inputs it gets (saliency +
+                        least-squares refit, whitened SVD, factors refit to the outputs)
     block_sparsify_layers  block_sparse on Conv1d / Conv2d and nn.LSTM, and the from-scratch
                         patterns (pattern=..., init='fresh') on Linear
     block_sparsify      Linear / F.linear -> BlockSparseLinear
@@ -24,6 +27,7 @@ from .allocate_ranks import allocate_ranks
 from .annotate_shapes import annotate_shapes
 from .block_sparsify import block_sparsify
 from .block_sparsify_layers import block_sparsify_layers
+from .calibrate import calibrate
 from .capture import CaptureWarning, capture
 from .check_lowered import check_lowered
 from .factorize_cp import factorize_cp
@@ -40,6 +44,7 @@ PIPELINE = [
     annotate_shapes,
     fold_batchnorm,
     allocate_ranks,
+    calibrate,
     block_sparsify_layers,
     block_sparsify,
     factorize_low_rank,

@@ -27,7 +27,31 @@ module, and writes into each factorization Decision:
    ``forward=`` forces it.
 
 ``low_rank`` decisions with only issue-#2 settings (int / float rank,
-tolerance) pass through untouched.
+tolerance) keep them; their rank is checked against break-even (below).
+
+It also plans what needs the weights for ``block_sparse`` and ``low_rank``
+(issue 10):
+
+4. **block_sparse densities by sensitivity.**  With calibration data (or
+   ``allocate=True``), ``density=`` is a model-wide target: each layer gets an
+   error-vs-size curve over its kept-block counts (relative squared output
+   error on the calibration inputs, or weight error without them; size = kept
+   blocks x b^2) and :func:`sparsify.ranks.allocate` picks the counts whose
+   summed error is smallest within ``density x`` the layers' weight elements.
+   A layer whose rule sets ``density=`` keeps it and counts toward the target.
+   The curve's error at a count is the saliency error of the dropped blocks
+   (exact for uncorrelated inputs), scaled by the ratio of the error after the
+   least-squares refit to it, measured at a few counts and interpolated.
+5. **never larger than dense** (``dense_if_larger=True``, the default): a
+   block-sparse layer whose kept blocks (padding included) hold more elements
+   than the dense weight, and a low-rank layer whose rank is above break-even
+   (``r (in + out) > in out``), stay dense with the reason, ranks as asked
+   (never silently clamped).
+
+Allocation with calibration data reads the statistics of the dense model's
+layers (one pass over the data, in parts when they would not fit in
+``calibrate.STATS_MEMORY``); the conversion itself (``calibrate``) then fits
+each layer to the inputs of the partly converted model.
 """
 
 from __future__ import annotations
@@ -42,6 +66,9 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rs
+from ..calibration import DEFAULT_DAMPING, InputStats, collect_stats, damped, output_sq_norm, site_watch, \
+    weight_groups
+from ..patterns import block_norms, magnitude_layout
 from ..modules.factorized_conv import tt_conv_weight
 from ..modules.low_rank import svd_rank
 from .costs import BALANCE, dense_flops, roofline_cost
@@ -52,9 +79,8 @@ from .sites import LayerSite, find_sites
 __all__ = ["allocate_ranks"]
 
 _PER_LAYER = ("rank", "tolerance", "energy")
-_CALIB_ROWS = 2048     # Linear inputs kept for the output error (rows)
-_CALIB_SAMPLES = 8     # conv inputs kept (batch entries)
 _ANCHORS = 6           # levels at which the output error is measured, then interpolated
+_SAMPLE_ROWS = 6       # block rows on which a block-sparse layer's refit gain is measured
 
 
 def _key(site: LayerSite) -> tuple[str, str | None]:
@@ -219,37 +245,37 @@ def _reconstruct(method: str, layer: nn.Module, ranks: Any) -> torch.Tensor:
     return torch.cat([o.reshape(-1, *layer.weight.shape[1:]) for o in outs]).reshape(layer.weight.shape)
 
 
-def _op(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, w)
-    return layer._conv_forward(x, w, None)
-
-
-def _output_levels(method: str, layer: nn.Module, levels, x: torch.Tensor) -> list[float]:
-    """Relative squared output error on calibration inputs ``x`` for each level."""
-    w = layer.weight.detach().to(torch.float64)
-    x = x.to(torch.float64)
-    y2 = float(_op(layer, x, w).pow(2).sum()) or 1.0
+def _output_levels(method: str, layer: nn.Module, levels, st: InputStats, damping: float) -> list[float]:
+    """Relative squared output error on the calibration inputs (statistics ``st``) for each level:
+    exact for low rank (the tail of the whitened spectrum: what the whitened SVD reaches); for
+    the others the weight-only decomposition's, measured at a few levels (``tr(D H D^T)``) and
+    the ratio to the weight error interpolated in between."""
+    groups = getattr(layer, "groups", 1)
+    w = weight_groups(layer.weight, groups)
+    y2 = output_sq_norm(w, layer.bias, st) or 1.0
     if method == "low_rank":
-        # exact for every rank: the output error of dropping component i is s_i^2 ||X v_i||^2
-        _, s, vh = torch.linalg.svd(w, full_matrices=False)
-        c = s.pow(2) * (x @ vh.T).pow(2).sum(0)
-        tail = torch.flip(torch.cumsum(torch.flip(c, [0]), 0), [0]).tolist() + [0.0]
+        from ..calibration import whitened_svd
+
+        hd, _ = damped(st.h, damping)
+        s, _ = whitened_svd(w[0], hd[0])
+        tail = _tails(s)
         return [tail[r] / y2 for r, _ in levels]
     idx = sorted({round(i * (len(levels) - 1) / (_ANCHORS - 1)) for i in range(_ANCHORS)})
     ratio = {}
     for i in idx:
         ranks, werr = levels[i]
-        e = float(_op(layer, x, w - _reconstruct(method, layer, ranks)).pow(2).sum()) / y2
+        dw = w - weight_groups(_reconstruct(method, layer, ranks), groups)
+        e = float(torch.einsum("god,gde,goe->", dw, st.h, dw)) / y2
         ratio[float(i)] = e / werr if werr > 0 else 1.0
     q = rs.interpolate_errors([float(i) for i in range(len(levels))], ratio)
     return [werr * qi for (_, werr), qi in zip(levels, q)]
 
 
-def _curve(d, method: str, layer: nn.Module, p: dict[str, Any], calib: torch.Tensor | None, ctx) -> rs.Curve:
+def _curve(d, method: str, layer: nn.Module, p: dict[str, Any], st: InputStats | None, ctx) -> rs.Curve:
     mult = p.get("rank_multiple", 1)
     levels = _weight_levels(method, layer, mult)
-    errors = [e for _, e in levels] if calib is None else _output_levels(method, layer, levels, calib)
+    damping = getattr(ctx.config, "calibration_damping", DEFAULT_DAMPING)
+    errors = [e for _, e in levels] if st is None else _output_levels(method, layer, levels, st, damping)
     use_flops = bool(p.get("flops"))
     in_shape = d.input_shape
     out = []
@@ -303,45 +329,208 @@ def _n(x: int) -> str:
 
 
 # ------------------------------------------------------------- calibration
-def _capture_inputs(module: nn.Module, ctx: PassContext, sites: dict, data: tuple) -> dict:
-    """The input of each wanted site when the model runs on ``data`` (subsampled)."""
-    got: dict = {}
-    by_node = {s.nodes[0].name: k for k, s in sites.items() if s.nodes}
+def _dense_stats(module: nn.Module, ctx: PassContext, items: list, visit) -> None:
+    """``visit(item, stats or None)`` for every ``(decision, site)`` item, with the statistics of
+    the site's inputs in the model as it is now (dense) on the calibration data; in parts that
+    fit ``calibrate.STATS_MEMORY``, each part one pass over the data, its statistics dropped
+    after its visits."""
+    from .calibrate import STATS_MEMORY, _stat_bytes
 
-    def keep(key, x):
-        if key in got or not isinstance(x, torch.Tensor):
-            return
-        s = sites[key]
-        if s.layer_type == "Linear":
-            rows = x.detach().reshape(-1, x.shape[-1])
-            if rows.shape[0] > _CALIB_ROWS:
-                g = torch.Generator().manual_seed(0)
-                rows = rows[torch.randperm(rows.shape[0], generator=g)[:_CALIB_ROWS]]
-            got[key] = rows
-        else:
-            got[key] = x.detach()[:_CALIB_SAMPLES]
+    data = getattr(ctx, "calibration", None)
+    if data is None:
+        for it in items:
+            visit(it, None)
+        return
+    parts, part, used = [], [], 0
+    for it in items:
+        size = _stat_bytes(it[1])
+        if part and used + size > STATS_MEMORY:
+            parts.append(part)
+            part, used = [], 0
+        part.append(it)
+        used += size
+    if part:
+        parts.append(part)
+    for part in parts:
+        watches = [site_watch(site) for _, site in part]
+        try:
+            stats = collect_stats(module, watches, data)
+        except Exception as exc:
+            raise ValueError(f"sparsify(calibration_data=...): the model did not run on it "
+                             f"({type(exc).__name__}: {exc}); pass inputs its forward accepts.") from exc
+        for it in part:
+            visit(it, stats.get(it[1].key))
+        del stats
 
-    with torch.no_grad():
-        if isinstance(module, fx.GraphModule):
-            class Grab(fx.Interpreter):
-                def run_node(self, n):
-                    if n.name in by_node and n.args:
-                        a = n.args[0]
-                        keep(by_node[n.name], self.env[a] if isinstance(a, fx.Node) else a)
-                    return super().run_node(n)
-            Grab(module).run(*data)
+
+# ------------------------------------------------------------ block sparse
+def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float) -> rs.Curve:
+    """Kept-block counts of one layer with their estimated relative squared output (or weight)
+    error; see the module docstring (4)."""
+    from ..calibration import refit_blocks
+
+    b = d.params["block_size"]
+    w = site.weight.detach().to(torch.float64)
+    out_f, in_f = w.shape
+    nbr, nbc = -(-out_f // b), -(-in_f // b)
+    total_blocks = nbr * nbc
+    if st is None:
+        hd = None
+        scale = torch.ones(in_f, dtype=torch.float64)
+        y2 = float(w.pow(2).sum()) or 1.0
+    else:
+        hd = damped(st.h, damping)[0][0]
+        scale = hd.diagonal().clamp_min(0).sqrt()
+        y2 = output_sq_norm(w[None], site.bias, st) or 1.0
+    ws = w * scale[None, :]
+    scores = block_norms(ws, b).pow(2)
+    first = scores.argmax(1)
+    keep0 = torch.zeros_like(scores, dtype=torch.bool)
+    keep0[torch.arange(nbr), first] = True
+    rest = scores.masked_fill(keep0, -1.0).flatten()
+    ordered = torch.sort(rest, descending=True, stable=True).values[: total_blocks - nbr]
+    kept = float(scores[keep0].sum()) + torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                   torch.cumsum(ordered.clamp_min(0), 0)])
+    total = float(scores.sum())
+    extra = sorted({0, *rs.sample_levels(total_blocks - nbr, 40)}) if total_blocks > nbr else [0]
+    dense = w.numel()
+    grid = [j for j in extra if (nbr + j) * b * b <= dense]
+    if not grid:
+        return rs.Curve(_label(d), [(float(dense), 0.0, "dense")])
+    est = [max(total - float(kept[j]), 0.0) / y2 for j in grid]
+    if st is not None:
+        anchors = sorted({grid[round(i * (len(grid) - 1) / 4)] for i in range(5)})
+        ratio = {}
+        # the refit's gain is measured on a few block rows (it is a ratio per layer, and the
+        # solves of every row at every anchor would cost more than the conversion itself)
+        sample = sorted({round(i * (nbr - 1) / max(1, _SAMPLE_ROWS - 1)) for i in range(min(nbr, _SAMPLE_ROWS))})
+        rows = torch.cat([torch.arange(r * b, min((r + 1) * b, out_f)) for r in sample])
+        for j in anchors:
+            gi = grid.index(j)
+            if est[gi] <= 0:
+                continue
+            mask = magnitude_layout(ws, density=(nbr + j) / total_blocks, block_size=b).block_mask()
+            dropped = float(scores[sample][~mask[sample]].sum())
+            if dropped <= 0:
+                continue
+            refit = refit_blocks(w, hd, mask, b, rows=sample)
+            dw = (w - refit)[rows][None]
+            true = float(torch.einsum("god,gde,goe->", dw, st.h, dw))
+            ratio[float(gi)] = true / dropped
+        if ratio:
+            q = rs.interpolate_errors([float(i) for i in range(len(grid))], ratio)
+            est = [e * qi for e, qi in zip(est, q)]
+    levels = [(float((nbr + j) * b * b), e, (nbr + j) / total_blocks) for j, e in zip(grid, est)]
+    levels.append((float(dense), 0.0, "dense"))
+    return rs.Curve(_label(d), levels)
+
+
+def _label(d) -> str:
+    return d.name if d.node is None else f"{d.name}@{d.node}"
+
+
+def linear_block_sparse(d) -> bool:
+    """A block_sparse decision on a linear-like layer that keeps the trained weight's blocks (the
+    conversions calibration and allocation serve; convs, LSTMs and from-scratch patterns are
+    ``block_sparsify_layers``')."""
+    return (d.method == "block_sparse" and d.layer_type not in ("Conv1d", "Conv2d", "LSTM")
+            and d.params.get("pattern", "magnitude") == "magnitude" and d.params.get("init", "copy") == "copy")
+
+
+def _allocate_blocks(module: nn.Module, ctx: PassContext, sites: dict, plan) -> None:
+    cfg = ctx.config
+    ds = [d for d in plan.decisions if linear_block_sparse(d)]
+    if not ds:
+        return
+    data = getattr(ctx, "calibration", None)
+    allocate = getattr(cfg, "allocate", None)
+    if not (allocate if allocate is not None else data is not None):
+        return
+    pinned, groups = [], {}
+    for d in ds:
+        _, _, rule = cfg.choose(d.name, sites[(d.name, d.node)].rule_types)
+        if rule is not None and "density" in rule.params:
+            pinned.append(d)
         else:
-            handles = []
-            for k, s in sites.items():
-                if s.module is not None:
-                    handles.append(s.module.register_forward_hook(
-                        lambda mod, args, out, k=k: keep(k, args[0] if args else None)))
-            try:
-                module(*data)
-            finally:
-                for h in handles:
-                    h.remove()
-    return got
+            groups.setdefault(float(d.params["density"]), []).append(d)
+    damping = getattr(cfg, "calibration_damping", DEFAULT_DAMPING)
+    fixed = sum(_block_elements(d) for d in pinned)
+    for density, group in groups.items():
+        curves: dict[int, rs.Curve] = {}
+        _dense_stats(module, ctx, [(d, sites[(d.name, d.node)]) for d in group],
+                     lambda it, st: curves.__setitem__(id(it[0]), _block_levels(it[0], it[1], st, damping)))
+        cs = [curves[id(d)] for d in group]
+        total = sum(math.prod(d.weight_shape) for d in group + pinned)
+        budget = density * total
+        where = f"density={density:g} across {len(group) + len(pinned)} block_sparse layers"
+        least = fixed + sum(c.levels[c.hull[0]][0] for c in cs)
+        if least > budget:
+            ctx.notes.append(f"{where}: below one block per block row; every allocated layer keeps one block per "
+                             f"block row ({least / total:.3g} of the weight elements)")
+            budget = least
+        rs.allocate(cs, budget, fixed=fixed)
+        what = "output" if data is not None else "weight"
+        got = fixed + sum(c.size for c in cs)
+        ctx.notes.append(f"{where} allocated by sensitivity ({what} error): {got / total:.3g} of the weight "
+                         f"elements kept")
+        for d, c in zip(group, cs):
+            if c.spec == "dense":
+                d.method, d.params = "dense", {}
+                d.reason += (f"; the model-wide allocation ({where}) kept it dense: its blocks buy more "
+                             f"{what} error per element than the other layers' blocks")
+                continue
+            d.params = {**d.params, "density": float(c.spec)}
+            d.result["allocated_error"] = c.error
+            d.reason += (f"; density {c.spec:.3g} from the model-wide allocation ({where}; est. rel. sq. {what} "
+                         f"error {c.error:.3g})")
+
+
+def _block_elements(d) -> int:
+    """Weight elements the block-sparse layer of ``d`` stores (padding included)."""
+    from ..patterns import target_blocks
+
+    b = d.params["block_size"]
+    out_f, in_f = d.weight_shape[0], math.prod(d.weight_shape[1:])
+    nbr, nbc = -(-out_f // b), -(-in_f // b)
+    return target_blocks(nbr, nbc, float(d.params["density"])) * b * b
+
+
+# ------------------------------------------------------------ never larger than dense
+def _larger_than_dense(plan, ctx: PassContext, sites: dict) -> None:
+    if not getattr(ctx.config, "dense_if_larger", True):
+        return
+    data = getattr(ctx, "calibration", None)
+    for d in plan.decisions:
+        if linear_block_sparse(d):
+            stored = _block_elements(d)
+            dense = math.prod(d.weight_shape)
+            if stored > dense:
+                b = d.params["block_size"]
+                d.reason += (f"; left dense: at density {d.params['density']:g} its {b}x{b} blocks hold {stored} "
+                             f"elements (padding included), more than the dense weight's {dense}")
+                d.method, d.params = "dense", {}
+        elif d.method == "low_rank":
+            p = d.params
+            out_f, in_f = d.weight_shape
+            full = min(out_f, in_f)
+            r = p.get("rank")
+            if p.get("tolerance") is not None and not isinstance(r, int):
+                if data is not None:
+                    continue  # decided on the whitened spectrum in calibrate
+                s = torch.linalg.svdvals(sites[(d.name, d.node)].weight.detach().double())
+                r = svd_rank(s, tolerance=p["tolerance"])
+                why = f"from tolerance={p['tolerance']}"
+            elif isinstance(r, bool) or not isinstance(r, (int, float)):
+                continue
+            else:
+                why = f"rank={r!r}"
+                r = max(1, min(full, round(r * full))) if isinstance(r, float) else int(r)
+            if r * (in_f + out_f) > in_f * out_f:
+                even = (in_f * out_f) // (in_f + out_f)
+                d.reason += (f"; left dense: rank {r} ({why}) is above break-even rank {even} for a {out_f}x{in_f} "
+                             f"weight ({r * (in_f + out_f)} parameters > {in_f * out_f} dense); "
+                             "dense_if_larger=False converts it anyway")
+                d.method, d.params = "dense", {}
 
 
 # --------------------------------------------------------------------- pass
@@ -355,34 +544,36 @@ def allocate_ranks(module: nn.Module, ctx: PassContext) -> PassResult:
     plan = ctx.plan
     if plan is None:
         return PassResult(module, False)
-    todo = [d for d in plan.decisions if d.method in FACTORIZED_METHODS and not _passes_through(d)]
-    if not todo:
+    data = getattr(ctx, "calibration", None)
+    if data is not None:
+        desc = data.describe()
+        for d in plan.decisions:
+            if "calibration_data" in d.params:  # a decision stays JSON-ready: what the data was, not the data
+                d.params = {**d.params, "calibration_data": desc}
+    if not any(d.rewrites for d in plan.decisions):
         return PassResult(module, False)
     sites = {_key(s): s for s in find_sites(module, ctx)}
+    _allocate_blocks(module, ctx, sites, plan)
+    todo = [d for d in plan.decisions if d.method in FACTORIZED_METHODS and not _passes_through(d)]
     fixed, pooled = [], {}
     for d in todo:
         p = d.params
         if any(p.get(k) is not None for k in _PER_LAYER):
             fixed.append(d)
         else:
-            cal = p.get("calibration_data")
-            pooled.setdefault((float(p["compression"]), bool(p.get("flops")), id(cal)), []).append(d)
+            pooled.setdefault((float(p["compression"]), bool(p.get("flops"))), []).append(d)
     for d in fixed:
         layer = as_layer(sites[(d.name, d.node)])
         ranks, note = _resolve_layer(d.method, layer, d.params)
         _set_ranks(d, ranks)
         if note:
             d.reason += f"; {note}"
-    for (compression, use_flops, _), group in pooled.items():
+    for (compression, use_flops), group in pooled.items():
         _allocate_group(module, ctx, sites, group, fixed, compression, use_flops)
     for d in todo:
         if d.method in ("cp", "tucker", "tt"):
             _plan_forward(d, as_layer(sites[(d.name, d.node)]))
-        cal = d.params.get("calibration_data")
-        if isinstance(cal, torch.Tensor) or isinstance(cal, (tuple, list)):
-            # a decision stays JSON-ready: keep what the data was, not the data
-            cal = (cal,) if isinstance(cal, torch.Tensor) else cal
-            d.params = {**d.params, "calibration_data": "inputs of shapes " + ", ".join(str(tuple(t.shape)) for t in cal)}
+    _larger_than_dense(plan, ctx, sites)
     return PassResult(module, False)
 
 
@@ -397,21 +588,15 @@ def _allocate_group(module, ctx, sites, group, fixed, compression, use_flops) ->
     where = f"compression={compression}" + (", flops=True" if use_flops else "")
     if use_flops and any(d.input_shape is None for d in group):
         raise ValueError(f"sparsify({where}): a FLOP target needs the layers' shapes; pass example_inputs=.")
-    p0 = group[0].params
-    calib = None
-    if p0.get("calibration_data") is not None:
-        data = p0["calibration_data"]
-        data = (data,) if isinstance(data, torch.Tensor) else tuple(data)
-        try:
-            calib = _capture_inputs(module, ctx, {(d.name, d.node): sites[(d.name, d.node)] for d in group}, data)
-        except Exception as exc:
-            raise ValueError(f"sparsify(calibration_data=...): the model did not run on it "
-                             f"({type(exc).__name__}: {exc}); pass inputs its forward accepts.") from exc
-    curves = []
-    for d in group:
-        layer = as_layer(sites[(d.name, d.node)])
-        x = None if calib is None else calib.get((d.name, d.node))
-        curves.append(_curve(d, d.method, layer, d.params, x, ctx))
+    curves_by: dict[int, rs.Curve] = {}
+
+    def visit(it, st):
+        d = it[0]
+        curves_by[id(d)] = _curve(d, d.method, as_layer(it[1]), d.params, st, ctx)
+
+    _dense_stats(module, ctx, [(d, sites[(d.name, d.node)]) for d in group], visit)
+    calib = getattr(ctx, "calibration", None)
+    curves = [curves_by[id(d)] for d in group]
     # layers of the same method and settings with a per-layer rank count toward the target as they are
     same = [d for d in fixed if d.params.get("compression") == compression and bool(d.params.get("flops")) == use_flops]
     before = sum((d.flops_before if use_flops else d.params_before) or 0 for d in group + same)

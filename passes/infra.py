@@ -48,6 +48,8 @@ class PassContext:
     example_kwargs: dict | None = None
     #: ``module qualname -> number of calls`` in the example run (module mode).
     calls: dict[str, int] = field(default_factory=dict)
+    #: ``sparsify.calibration.CalibrationData`` from ``sparsify(calibration_data=...)``, or None.
+    calibration: Any = None
 
 
 Pass = Callable[[nn.Module, PassContext], PassResult]

@@ -41,7 +41,8 @@ def carry_out(
     """
     if ctx.plan is None:
         return PassResult(module, False)
-    todo = {(d.name, d.node): d for d in ctx.plan.decisions if d.method == method}
+    # a decision that already has its module was carried out earlier (passes/calibrate.py)
+    todo = {(d.name, d.node): d for d in ctx.plan.decisions if d.method == method and "module" not in d.result}
     if not todo:
         return PassResult(module, False)
     modified = False

@@ -13,7 +13,9 @@ from . import dynamic, patterns  # noqa: F401  (training from scratch: sparsify.
 from .api import densify, report, sparsify
 from .config import Rule, SparsifyConfig
 from .decision import Decision, Plan
+from .calibration import CalibrationWarning
 from .errors import ConversionCheckError, InputError
+from .finetune import finetune
 from .io import load, save
 from .methods import METHODS
 from .modules import (
@@ -39,6 +41,7 @@ __all__ = [
     "BlockSparseConv2d",
     "BlockSparseLinear",
     "BlockSparseLSTM",
+    "CalibrationWarning",
     "CPConv",
     "CPLinear",
     "ConversionCheckError",
@@ -54,6 +57,7 @@ __all__ = [
     "TuckerLinear",
     "SparsifyConfig",
     "densify",
+    "finetune",
     "load",
     "report",
     "save",

@@ -49,6 +49,7 @@ def sparsify(
     progress: Callable[[str], None] | None = None,
     graph: bool = False,
     check: bool | None = None,
+    calibration_data: Any = None,
     **shorthand: Any,
 ) -> nn.Module:
     """Rewrite ``model``'s dense layers as the config says; return the converted model.
@@ -70,6 +71,18 @@ def sparsify(
     graph surgery (a residual add into the block-sparse op); it needs a model that
     torch.fx can trace, and loses the model's class and methods.
 
+    ``calibration_data`` (an iterable of batches, each a tuple of positional inputs,
+    a dict of keyword inputs, or a tensor; see ``sparsify.calibration``) makes every
+    method fit the layer's outputs on those inputs instead of its weights: blocks
+    chosen by saliency and refit by least squares, low rank by whitened SVD,
+    factorizations refit to the outputs; layers are converted in forward order, each
+    on the inputs the converted layers before it produce; a model-wide ``density=``
+    (block_sparse) or ``compression=`` is allocated across layers by sensitivity.  The
+    report then carries each layer's and the model's relative output error on the
+    data, and one ``CalibrationWarning`` names the worst layers above ``warn_above``.
+    One-shot compression costs accuracy: measure it on held-out data
+    (``sparsify verify``) and recover it with :func:`sparsify.finetune`.
+
     Example:
         >>> import torch, sparsify
         >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU())
@@ -83,20 +96,76 @@ def sparsify(
     if not isinstance(graph, bool) or not (check is None or isinstance(check, bool)):
         raise ValueError("sparsify(graph=..., check=...): expected True or False.")
     args, kwargs = _check_example_inputs(example_inputs)
+    calib = _calibration_of(calibration_data, cfg)
     if graph and kwargs:
         raise ValueError("sparsify(graph=True): the fx graph takes positional inputs; give example_inputs "
                          "as a tuple, not a dict.")
     work = model if inplace else copy.deepcopy(model)
     cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
     ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
-                      capture_note=cap.note, planner=plan_model, progress=progress, capture=cap)
+                      capture_note=cap.note, planner=plan_model, progress=progress, capture=cap,
+                      calibration=calib)
     out = run_passes(cap.module, ctx, PIPELINE)
     setattr(out, PLAN_ATTR, ctx.plan)
     if check if check is not None else (args is not None or bool(kwargs)):
         if args is None and not kwargs:
             raise ValueError("sparsify(check=True): checking the converted model needs example_inputs=.")
         check_converted(out, args or (), kwargs or {})
+    if calib is not None:
+        _measure(None if inplace else model, out, ctx.plan, calib, cfg)
     return out
+
+
+def _calibration_of(data: Any, cfg: SparsifyConfig):
+    """The calibration batches: ``calibration_data=``, or (older configs) the factorizations'
+    ``calibration_data`` parameter, one batch of positional inputs."""
+    from .calibration import as_batches
+
+    if data is not None:
+        return as_batches(data, "sparsify(calibration_data=...)")
+    legacy = cfg.params.get("calibration_data")
+    if legacy is not None:
+        return as_batches([tuple(legacy) if isinstance(legacy, (tuple, list)) else legacy],
+                          "SparsifyConfig(calibration_data=...)")
+    return None
+
+
+def _measure(reference: nn.Module | None, out: nn.Module, plan: Plan, calib, cfg: SparsifyConfig) -> None:
+    """The model's relative output error on the calibration data (against the original, when it
+    still exists), into the plan; one warning naming the worst layers above ``warn_above``."""
+    import warnings
+
+    from .calibration import CalibrationWarning, model_error
+
+    result = None
+    if reference is not None:
+        result = model_error(reference, out, calib)
+        plan.calibration = result
+        outs = ", ".join(f"{k} {v:.3g}" for k, v in result["outputs"].items())
+        plan.notes.append(f"relative output error against the original on the calibration data "
+                          f"({result['batches']} batches): {outs}")
+    else:
+        plan.notes.append("inplace=True: the original model is gone, so the model's output error was not "
+                          "measured; compare against a copy with sparsify.calibration.model_error")
+    limit = cfg.warn_above
+    bad = sorted(((d.result["output_error"], d) for d in plan.decisions
+                  if d.rewrites and "output_error" in d.result and d.result["output_error"] > limit),
+                 key=lambda t: -t[0])
+    model_bad = result is not None and result["error"] > limit
+    if not bad and not model_bad:
+        return
+    parts = []
+    if model_bad:
+        parts.append(f"the model's output {result['worst']!r} differs from the original's by {result['error']:.3g} "
+                     f"(relative) on the calibration data")
+    if bad:
+        n = sum(1 for d in plan.decisions if d.rewrites and "output_error" in d.result)
+        worst = ", ".join(f"{d.name} {e:.3g} ({d.method})" for e, d in bad[:5])
+        parts.append(f"{len(bad)} of {n} converted layers have a relative output error above {limit:g}; worst: "
+                     f"{worst}{' ...' if len(bad) > 5 else ''}")
+    warnings.warn("sparsify: " + "; ".join(parts) + ". One-shot compression costs accuracy: measure it on held-out "
+                  "data (sparsify verify --against), recover it with sparsify.finetune(...), or keep more of those "
+                  "layers (a Rule with a higher density / rank, or skip=True).", CalibrationWarning, stacklevel=3)
 
 
 def _dense_replacement(m: nn.Module) -> nn.Module | None:

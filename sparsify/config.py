@@ -46,6 +46,14 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0  # 32.0 is refused, not truncated
 
 
+def _is_nonneg(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) < float("inf")
+
+
+def _is_positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < float(v) < float("inf")
+
+
 def _is_types(v: Any) -> bool:
     items = v if isinstance(v, (tuple, list)) else (v,)
     return v is None or (len(items) > 0 and all(
@@ -58,6 +66,18 @@ CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "strict": (_is_flag, "True or False"),
     "fold_batchnorm": (_is_flag, "True or False"),
     "fuse_epilogues": (_is_flag, "True or False"),
+    # calibration (issue 10; see docs/accuracy.md)
+    "calibration_damping": (_is_nonneg, "a number >= 0 (the ridge l = damping * mean(diag H) of every "
+                                        "calibrated solve; 0.01 by default)"),
+    "sequential": (_is_flag, "True or False (calibrate each layer on the inputs the converted layers before "
+                             "it produce)"),
+    "warn_above": (_is_positive, "a number > 0 (warn when a layer's or the model's relative output error on the "
+                                 "calibration data is above it)"),
+    "allocate": (lambda v: v is None or _is_flag(v), "None (model-wide with calibration data), True or False"),
+    "block_selection": (lambda v: v in ("saliency", "obs"), "'saliency' or 'obs' (how block_sparse chooses "
+                                                             "blocks with calibration data)"),
+    "dense_if_larger": (_is_flag, "True or False (leave a layer dense when its converted form has more "
+                                  "parameters than the dense layer)"),
 }
 #: A Rule's own fields (its other keyword arguments are method parameters).
 RULE_FIELDS: dict[str, tuple[Any, str]] = {
@@ -191,11 +211,19 @@ class SparsifyConfig:
         strict: bool = False,
         fold_batchnorm: bool = True,
         fuse_epilogues: bool = True,
+        calibration_damping: float = 0.01,
+        sequential: bool = True,
+        warn_above: float = 0.1,
+        allocate: bool | None = None,
+        dense_if_larger: bool = True,
+        block_selection: str = "saliency",
         **params: Any,
     ) -> None:
         _check_method(method, "SparsifyConfig(method=...)")
         for field, value in (("min_size", min_size), ("strict", strict), ("fold_batchnorm", fold_batchnorm),
-                             ("fuse_epilogues", fuse_epilogues)):
+                             ("fuse_epilogues", fuse_epilogues), ("calibration_damping", calibration_damping),
+                             ("sequential", sequential), ("warn_above", warn_above), ("allocate", allocate),
+                             ("dense_if_larger", dense_if_larger), ("block_selection", block_selection)):
             _check_field(CONFIG_FIELDS, field, value, "SparsifyConfig")
         self.method = method
         if not isinstance(rules, (list, tuple)):
@@ -208,6 +236,12 @@ class SparsifyConfig:
         self.strict = strict
         self.fold_batchnorm = fold_batchnorm
         self.fuse_epilogues = fuse_epilogues
+        self.calibration_damping = calibration_damping
+        self.sequential = sequential
+        self.warn_above = warn_above
+        self.allocate = allocate
+        self.dense_if_larger = dense_if_larger
+        self.block_selection = block_selection
         for k, v in params.items():
             check_param(k, v, "SparsifyConfig")
         self._check_shadowed()
@@ -278,6 +312,13 @@ class SparsifyConfig:
             "strict": self.strict,
             "fold_batchnorm": self.fold_batchnorm,
             "fuse_epilogues": self.fuse_epilogues,
+            # calibration (issue 10)
+            "calibration_damping": self.calibration_damping,
+            "sequential": self.sequential,
+            "warn_above": self.warn_above,
+            "allocate": self.allocate,
+            "dense_if_larger": self.dense_if_larger,
+            "block_selection": self.block_selection,
             "rules": [r.to_dict() for r in self.rules],
         }
 

@@ -32,10 +32,20 @@ def _setting(d: dict) -> str:
     return ""
 
 
+def _fmt_err(r: dict) -> str:
+    e = (r.get("result") or {}).get("output_error")
+    return "-" if e is None else f"{e:.3g}"
+
+
 @dataclass
 class Report:
     """Rows: name, kind, shape, method, params before -> after, FLOPs before -> after,
     weight bytes before -> after (index buffers included), density or rank, reason.  ``str(report)`` is a table; ``to_dict()`` is JSON-ready.
+
+    With calibration data, each converted layer's relative output error on the calibration
+    inputs (``||X (W - W')^T|| / ||X W^T + b||``, the inputs it got in the partly converted
+    model) is a column ("out err"), and ``calibration`` holds the model's relative output
+    error against the original per output (``sparsify.calibration.model_error``).
 
     Example:
         >>> import torch, sparsify
@@ -48,10 +58,18 @@ class Report:
     traced: bool = True
     capture_note: str | None = None
     notes: tuple[str, ...] = ()
+    calibration: dict[str, Any] | None = None
 
     @classmethod
     def from_plan(cls, plan) -> Report:
-        return cls([d.to_dict() for d in plan.decisions], plan.traced, plan.capture_note, tuple(plan.notes))
+        return cls([d.to_dict() for d in plan.decisions], plan.traced, plan.capture_note, tuple(plan.notes),
+                   getattr(plan, "calibration", None))
+
+    @property
+    def model_error(self) -> float | None:
+        """The model's worst relative output error against the original on the calibration data
+        (None without calibration data)."""
+        return None if not self.calibration else self.calibration.get("error")
 
     def totals(self) -> dict[str, int | None]:
         pb = sum(r["params_before"] for r in self.rows)
@@ -72,26 +90,30 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": self.rows, "totals": self.totals(), "traced": self.traced,
-                "capture_note": self.capture_note, "notes": list(self.notes)}
+                "capture_note": self.capture_note, "notes": list(self.notes), "calibration": self.calibration}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
     def table(self) -> list[list[str]]:
-        head = ["layer", "kind", "shape", "method", "params", "FLOPs", "bytes", "setting", "reason"]
-        body = [head]
+        errors = any("output_error" in (r.get("result") or {}) for r in self.rows)
+        head = ["layer", "kind", "shape", "method", "params", "FLOPs", "bytes", "setting"]
+        head += ["out err"] if errors else []
+        body = [head + ["reason"]]
         for r in self.rows:
             body.append([
                 r["name"], r["layer_type"], "x".join(map(str, r["weight_shape"])), r["method"],
                 f"{_fmt_count(r['params_before'])} -> {_fmt_count(r['params_after'])}",
                 f"{_fmt_count(r['flops_before'])} -> {_fmt_count(r['flops_after'])}",
                 f"{_fmt_count(r.get('bytes_before'))} -> {_fmt_count(r.get('bytes_after'))}",
-                _setting(r), r["reason"],
+                _setting(r), *([_fmt_err(r)] if errors else []), r["reason"],
             ])
         t = self.totals()
+        model = "" if self.model_error is None else f"{self.model_error:.3g}"
         body.append(["total", "", "", "", f"{_fmt_count(t['params_before'])} -> {_fmt_count(t['params_after'])}",
                      f"{_fmt_count(t['flops_before'])} -> {_fmt_count(t['flops_after'])}",
-                     f"{_fmt_count(t['bytes_before'])} -> {_fmt_count(t['bytes_after'])}", "", ""])
+                     f"{_fmt_count(t['bytes_before'])} -> {_fmt_count(t['bytes_after'])}", "",
+                     *([model] if errors else []), ""])
         return body
 
     def __str__(self) -> str:
