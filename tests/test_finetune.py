@@ -1,0 +1,101 @@
+"""``sparsify.finetune``: distillation recovers what conversion lost; only stored blocks and
+factors train; patterns and ranks stay fixed; the user's models are never modified; bad
+input is refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.finetune import FINETUNE_ATTR, trainable_parameters
+
+from .helpers import assert_same_state, rel_err, state_snapshot
+
+
+def _teacher() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, 64))
+
+
+def _data(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(32, 128, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kw", [dict(method="block_sparse", density=0.25, block_size=16),
+                                dict(method="low_rank", rank=8), dict(method="tucker", rank=0.2)])
+def test_distillation_lowers_the_error_and_trains_only_blocks_and_factors(kw):
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, min_size=0, **kw)
+    data, held = _data(), _data(2, seed=7)
+    t_snap, s_snap = state_snapshot(teacher), state_snapshot(student)
+    tuned = sparsify.finetune(student, teacher=teacher, data=data, steps=60, lr=3e-3, progress=False,
+                              eval_data=held)
+    assert_same_state(teacher, t_snap)   # the teacher is never modified
+    assert_same_state(student, s_snap)   # nor the given student (inplace=False)
+    log = getattr(tuned, FINETUNE_ATTR)
+    assert log["error_after"]["error"] < log["error_before"]["error"]
+    x = held[0]
+    assert rel_err(tuned(x), teacher(x)) < rel_err(student(x), teacher(x))
+    trained = {n for n, _ in trainable_parameters(tuned)}
+    after = tuned.state_dict()
+    for name, v in s_snap.items():
+        changed = not torch.equal(after[name], v)
+        if name in trained:
+            continue
+        # the LayerNorm, every bias, and the block pattern buffers are untouched
+        assert not changed, name
+    assert any(not torch.equal(after[n], s_snap[n]) for n in trained)
+    assert all(p.requires_grad for p in tuned.parameters())  # flags restored
+    assert "finetuned by distillation" in tuned._sparsify_plan.notes[-1]
+
+
+def test_kl_on_logits_and_hidden_states():
+    class Clf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(128, 128), nn.ReLU())
+            self.head = nn.Linear(128, 10)
+
+        def forward(self, x):
+            return {"logits": self.head(self.body(x)), "features": self.body(x)}
+
+    torch.manual_seed(0)
+    teacher = Clf()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=4, min_size=0,
+                                rules=[sparsify.Rule("head", skip=True)])
+    tuned = sparsify.finetune(student, teacher, _data(), steps=40, lr=3e-3, loss="kl", temperature=2.0,
+                              hidden=["body"], progress=False)
+    losses = getattr(tuned, FINETUNE_ATTR)["losses"]
+    assert len(losses) == 40 and losses[-1] < losses[0]
+
+
+def test_inplace_trains_the_given_model():
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
+    out = sparsify.finetune(student, teacher, _data(), steps=5, progress=False, inplace=True)
+    assert out is student
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(loss="mse"), "loss"),
+    (dict(hidden=["nope"]), "no module 'nope'"), (dict(data=[]), "no batches"),
+    (dict(outputs=["logits"]), "no output 'logits'"), (dict(weight_decay=float("nan")), "weight_decay"),
+])
+def test_bad_input_is_refused(kw, match):
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
+    args = dict(data=_data(1), steps=3, progress=False)
+    args.update(kw)
+    snap = state_snapshot(student)
+    with pytest.raises(ValueError, match=match):
+        sparsify.finetune(student, teacher, **args)
+    assert_same_state(student, snap)
+
+
+def test_a_model_with_nothing_rewritten_is_refused():
+    teacher = _teacher()
+    with pytest.raises(ValueError, match="no rewritten layers"):
+        sparsify.finetune(teacher, teacher, _data(1), steps=1, progress=False)
