@@ -236,9 +236,9 @@ class SparsifyConfig:
         self.strict = strict
         self.fold_batchnorm = fold_batchnorm
         self.fuse_epilogues = fuse_epilogues
-        self.calibration_damping = calibration_damping
+        self.calibration_damping = float(calibration_damping)
         self.sequential = sequential
-        self.warn_above = warn_above
+        self.warn_above = float(warn_above)
         self.allocate = allocate
         self.dense_if_larger = dense_if_larger
         self.block_selection = block_selection
@@ -316,7 +316,7 @@ class SparsifyConfig:
             "calibration_damping": self.calibration_damping,
             "sequential": self.sequential,
             "warn_above": self.warn_above,
-            "allocate": self.allocate,
+            **({} if self.allocate is None else {"allocate": self.allocate}),  # TOML has no None: the default
             "dense_if_larger": self.dense_if_larger,
             "block_selection": self.block_selection,
             "rules": [r.to_dict() for r in self.rules],
