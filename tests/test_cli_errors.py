@@ -279,3 +279,16 @@ def test_created_files_respect_the_umask(tmp_path, capsys):
         os.umask(old)
     for f in [tmp_path / "o", tmp_path / "r.html", *(tmp_path / "o").iterdir()]:
         assert (f.stat().st_mode & 0o077) == 0, f
+
+
+def test_the_bsmm_benchmark_never_overwrites_a_file(tmp_path, capsys):
+    from sparsify import bench
+
+    mine = tmp_path / "bsmm_cpu.json"
+    mine.write_text('{"mine": true}')
+    for extra in ([], ["--force"]):  # --force replaces only a result of this benchmark
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["bsmm", "--quick", "--out", str(mine), *extra])
+        assert exc.value.code == 2
+    assert mine.read_text() == '{"mine": true}'
+    assert "exists" in capsys.readouterr().err
