@@ -117,13 +117,27 @@ def plan_model(module: nn.Module, ctx: PassContext) -> Plan:
     used_rules: set[int] = set()
     decisions = [_site_decision(site, config, owners, tie_counts, used_rules) for site in sites]
     if config.strict:
-        for r in config.rules:
-            if id(r) not in used_rules:
-                names = ", ".join(s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+        for i, r in enumerate(config.rules):
+            if id(r) in used_rules:
+                continue
+            matched = [s for s in sites if r.matches(s.name, s.rule_types)]
+            if matched:
+                # It matches layers, but an earlier rule takes each of them first.
+                earlier = []
+                for s in matched:
+                    first = next(e for e in config.rules[:i] if e.matches(s.name, s.rule_types))
+                    if first not in earlier:
+                        earlier.append(first)
                 raise ValueError(
-                    f"SparsifyConfig(strict=True): {r!r} matches no layer. "
-                    f"Candidate layers: {names or 'none'}. Fix the pattern or type, or drop the rule."
-                )
+                    f"SparsifyConfig(strict=True): rule #{i + 1} {r!r} is shadowed: every layer it matches "
+                    f"({', '.join(s.name for s in matched[:4])}{' ...' if len(matched) > 4 else ''}) is taken "
+                    f"first by {', '.join(repr(e) for e in earlier[:3])}. Rules apply first match first: move it "
+                    "up, narrow the earlier rule, or drop it.")
+            names = ", ".join(s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+            raise ValueError(
+                f"SparsifyConfig(strict=True): {r!r} matches no layer. "
+                f"Candidate layers: {names or 'none'}. Fix the pattern or type, or drop the rule."
+            )
     cap = getattr(ctx, "capture", None)
     how = cap.how if cap is not None else ("torch.fx" if ctx.traced else "module tree")
     decisions += _other_weights(module, sites, ctx.traced, how)

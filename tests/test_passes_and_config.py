@@ -191,3 +191,11 @@ def test_the_pipeline_is_one_list_of_verb_named_passes():
     names = [p.__name__ for p in PIPELINE]
     assert names[0] == "plan_layers" and names[-1] == "check_lowered"
     assert "block_sparsify" in names and "fuse_epilogues" in names
+
+
+def test_strict_names_a_rule_that_earlier_rules_shadow():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    cfg = sparsify.SparsifyConfig(strict=True, rules=[
+        sparsify.Rule("0", density=0.5), sparsify.Rule("1", skip=True), sparsify.Rule("*", density=0.1)])
+    with pytest.raises(ValueError, match=r"rule #3 .* is shadowed: every layer it matches \(0, 1\) is taken first"):
+        sparsify.sparsify(model, cfg)
