@@ -245,9 +245,10 @@ def _planned(model, config, inputs) -> Any:
     from .passes import PassContext, annotate_shapes, capture, plan_layers, run_passes
     from .plan import plan_model
 
-    gm, traced, note = capture(model)
-    ctx = PassContext(config=config, example_inputs=inputs, traced=traced, capture_note=note, planner=plan_model)
-    run_passes(gm, ctx, [plan_layers, annotate_shapes] if inputs else [plan_layers])
+    cap = capture(model, tuple(inputs) if inputs else None)  # the same analysis convert does
+    ctx = PassContext(config=config, example_inputs=inputs, traced=cap.traced, capture_note=cap.note,
+                      planner=plan_model, capture=cap)
+    run_passes(cap.module, ctx, [plan_layers, annotate_shapes] if inputs else [plan_layers])
     return ctx.plan
 
 
