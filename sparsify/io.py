@@ -11,6 +11,11 @@ An artifact is a folder::
       program.json         optional: the inference graph in sparsify's own program
                            format (see sparsify.program)
 
+A streamed conversion (sparsify.streaming) may shard the weights instead:
+``weights-0000k-of-0000n.safetensors`` with ``weights.safetensors.index.json``
+(Hugging Face's index format); the manifest lists each shard with its checksum
+and tensors (format version 3).
+
 It is staged in a folder beside OUT and renamed into place with a rename that never
 replaces anything, so a crash or Ctrl-C never leaves a half-written OUT and a folder
 that appears at OUT meanwhile is never touched (see sparsify.files).  Loading reads
@@ -31,6 +36,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -51,10 +57,15 @@ FORMAT = "sparsify.artifact"
 #: Bumped when a reader of an older version could not read the new layout correctly.
 #: 2: the program is sparsify's own format (sparsify.program); format 1 stored torch's serde JSON.
 FORMAT_VERSION = 2
+#: 3: the weights may be sharded (streamed conversions; ``weights.shards``).  Written only for sharded
+#: weights, so single-file artifacts stay readable by readers of version 2.
+SHARDED_FORMAT_VERSION = 3
 WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_INDEX = "weights.safetensors.index.json"
 PROGRAM_FILE = "program.json"
-#: Every file an artifact consists of: all that ``--force`` may delete.
-ARTIFACT_FILES = (ARTIFACT_MANIFEST, WEIGHTS_FILE, PROGRAM_FILE)
+#: Every file an artifact consists of: all that ``--force`` may delete (and the shards, SHARD_FILE).
+ARTIFACT_FILES = (ARTIFACT_MANIFEST, WEIGHTS_FILE, PROGRAM_FILE, WEIGHTS_INDEX)
+SHARD_FILE = re.compile(r"weights-([0-9]{5})-of-([0-9]{5})\.safetensors")
 _PROGRAM_PREFIX = "__program__."
 #: safetensors' own limit on the JSON header.
 _MAX_HEADER = 100_000_000
@@ -101,7 +112,7 @@ def artifact_files(path: str | os.PathLike) -> list[str] | None:
         return None
     if not names:
         return []
-    if any(n not in ARTIFACT_FILES for n in names) or ARTIFACT_MANIFEST not in names:
+    if any(n not in ARTIFACT_FILES and not SHARD_FILE.fullmatch(n) for n in names) or ARTIFACT_MANIFEST not in names:
         return None
     try:
         m = _files.parse_json(_files.read_regular(p, ARTIFACT_MANIFEST, max_bytes=MAX_MANIFEST_BYTES,
@@ -156,7 +167,8 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         if artifact_files(out_p) is None:
             extra = ""
             if out_p.is_dir() and not out_p.is_symlink():
-                with_others = sorted(set(os.listdir(out_p)) - set(ARTIFACT_FILES))
+                with_others = sorted(n for n in os.listdir(out_p) if n not in ARTIFACT_FILES
+                                     and not SHARD_FILE.fullmatch(n))
                 extra = f" (it holds {with_others[0]!r})" if with_others else ""
             raise InputError(f"output {out} exists and is not a sparsify artifact{extra}; refusing to replace it "
                              "even with --force. Remove it yourself or choose another path.")
@@ -434,10 +446,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise InputError(f"{path}/{ARTIFACT_MANIFEST}: not a sparsify manifest (format is not {FORMAT!r}).")
     v = m.get("format_version")
-    if isinstance(v, int) and not isinstance(v, bool) and v > FORMAT_VERSION:
+    if isinstance(v, int) and not isinstance(v, bool) and v > SHARDED_FORMAT_VERSION:
         raise InputError(f"{path} was written in artifact format version {v} by sparsify "
                          f"{str(m.get('sparsify_version', '?'))[:20]}; this sparsify reads up to version "
-                         f"{FORMAT_VERSION}. Upgrade sparsify to load it.")
+                         f"{SHARDED_FORMAT_VERSION}. Upgrade sparsify to load it.")
     return validate_manifest(m, str(path))
 
 
@@ -450,9 +462,9 @@ def _check_bytes(path: Path, name: str, data: bytes, entry: dict[str, Any], what
                          "corrupted. Re-create the artifact.")
 
 
-def _check_safetensors_header(path: Path, data: bytes, expected: dict[str, Any]) -> None:
+def _check_safetensors_header(path: Path, data: bytes, expected: dict[str, Any], name: str = WEIGHTS_FILE) -> None:
     """Parse and check the safetensors header ourselves (within limits) before safetensors allocates anything."""
-    where = f"{path / WEIGHTS_FILE}"
+    where = f"{path / name}"
     if len(data) < 8:
         raise InputError(f"{where}: not a readable safetensors file (too short).")
     n = int.from_bytes(data[:8], "little")
@@ -490,16 +502,45 @@ def _load_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
     from safetensors.torch import load as st_load
 
     w = manifest["weights"]
-    data = _files.read_regular(path, WEIGHTS_FILE, max_bytes=w["bytes"], what="weights file")
-    _check_bytes(path, WEIGHTS_FILE, data, w, "weights")
-    _check_safetensors_header(path, data, w["tensors"])
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}).") from None
-    del data
+    if w["file"] == WEIGHTS_INDEX:
+        tensors = _load_shards(path, w)
+    else:
+        data = _files.read_regular(path, WEIGHTS_FILE, max_bytes=w["bytes"], what="weights file")
+        _check_bytes(path, WEIGHTS_FILE, data, w, "weights")
+        _check_safetensors_header(path, data, w["tensors"])
+        try:
+            tensors = st_load(data)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}).") from None
+        del data
     for alias, src in w.get("aliases", {}).items():
         tensors[alias] = tensors[src]
+    return tensors
+
+
+def _load_shards(path: Path, w: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Sharded weights: each shard read, checked against its checksum and the manifest, and loaded in turn.
+
+    The shard names are generated here from their count (the manifest's are checked against them,
+    never used to open anything), and the index file is checked against its checksum only: the
+    manifest's shard table says which tensors each shard holds."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    index = _files.read_regular(path, WEIGHTS_INDEX, max_bytes=w["bytes"], what="weights index")
+    _check_bytes(path, WEIGHTS_INDEX, index, w, "weights index")
+    shards = w["shards"]
+    tensors: dict[str, torch.Tensor] = {}
+    for i, shard in enumerate(shards):
+        name = f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        data = _files.read_regular(path, name, max_bytes=shard["bytes"], what="weights shard")
+        _check_bytes(path, name, data, shard, "weights")
+        _check_safetensors_header(path, data, {k: w["tensors"][k] for k in shard["tensors"]}, name)
+        try:
+            tensors.update(st_load(data))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"{path / name}: not a readable safetensors file ({exc}).") from None
+        del data
     return tensors
 
 

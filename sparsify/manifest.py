@@ -211,7 +211,11 @@ MANIFEST = Obj({
                      "decisions": List(DECISION, MAX_DECISIONS)}, ("traced", "decisions"))),
     "layouts": Map(Map(Json(), 64, 64), MAX_DECISIONS),
     "weights": Obj({
-        "file": Const("weights.safetensors"), "sha256": _HEX64, "bytes": Int(),
+        "file": Enum("weights.safetensors", "weights.safetensors.index.json"), "sha256": _HEX64, "bytes": Int(),
+        # sharded weights (streamed conversions): each shard's file, checksum, size and tensors, in order
+        "shards": List(Obj({"file": Str(64, r"weights-[0-9]{5}-of-[0-9]{5}\.safetensors"), "sha256": _HEX64,
+                            "bytes": Int(), "tensors": List(_NAME, MAX_TENSOR_ENTRIES)},
+                           ("file", "sha256", "bytes", "tensors"), closed=True), 99_999),
         "tensors": Map(Obj({"dtype": _DTYPE, "shape": _SHAPE}, ("dtype", "shape"), closed=True),
                        MAX_TENSOR_ENTRIES),
         "aliases": Map(_NAME, MAX_TENSOR_ENTRIES), "state_dict_keys": List(_NAME, MAX_TENSOR_ENTRIES),
@@ -227,6 +231,32 @@ MANIFEST = Obj({
 }, ("format", "format_version", "weights"))
 
 
+def _check_shards(w: dict[str, Any], where: str) -> None:
+    """Sharded weights: the shards are named 1..n in order, and hold every tensor exactly once."""
+    shards = w.get("shards")
+    if w["file"] != "weights.safetensors.index.json":
+        if shards is not None:
+            raise InputError(f"{where}/manifest.json: field weights.shards: only for sharded weights "
+                             "(weights.file 'weights.safetensors.index.json')")
+        return
+    if not shards:
+        raise InputError(f"{where}/manifest.json: field weights.shards: missing (sharded weights need their shards)")
+    seen: set[str] = set()
+    for i, sh in enumerate(shards):
+        want = f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if sh["file"] != want:
+            raise InputError(f"{where}/manifest.json: field weights.shards[{i}].file: expected {want!r}, "
+                             f"got {sh['file'][:60]!r}")
+        for k in sh["tensors"]:
+            if k not in w["tensors"] or k in seen:
+                raise InputError(f"{where}/manifest.json: field weights.shards[{i}].tensors: {k[:80]!r} is "
+                                 f"{'in two shards' if k in seen else 'not in weights.tensors'}")
+            seen.add(k)
+    if len(seen) != len(w["tensors"]):
+        missing = next(k for k in w["tensors"] if k not in seen)
+        raise InputError(f"{where}/manifest.json: field weights.shards: no shard holds {missing[:80]!r}")
+
+
 def validate_manifest(m: Any, where: str) -> dict[str, Any]:
     """Check ``m`` (a parsed manifest.json) against the schema; raise an InputError naming the first bad field."""
     if not isinstance(m, dict):
@@ -237,6 +267,7 @@ def validate_manifest(m: Any, where: str) -> dict[str, Any]:
     Int(1, 1000).check(m.get("format_version"), "format_version", where)
     MANIFEST.check(m, "", where)
     w = m["weights"]
+    _check_shards(w, where)
     for alias, src in (w.get("aliases") or {}).items():
         if src not in w["tensors"]:
             raise InputError(f"{where}/manifest.json: field weights.aliases.{alias}: names {src!r}, which is not a "
