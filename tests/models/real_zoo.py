@@ -29,7 +29,7 @@ SEQ = 8
 class Entry:
     name: str
     build: Callable[[], tuple[nn.Module, object]]
-    linear_sites: int                 # linear-like weights a linear method rewrites (min_size=0)
+    linear_sites: int                 # weights block_sparse rewrites (min_size=0): linear-like + groups=1 convs
     causal_lm: bool = False
     convs: int = 0                    # Conv1d / Conv2d layers (for the factorizations)
     loss: Callable | None = None      # (model, inputs) -> scalar loss for the training step
@@ -190,16 +190,17 @@ ZOO: dict[str, Entry] = {e.name: e for e in [
     Entry("llama", llama, 15, causal_lm=True),
     # T5: encoder q,k,v,o,wi,wo x 2 + decoder (self q,k,v,o + cross q,k,v,o + wi, wo) x 2; lm_head tied
     Entry("t5", t5, 12 + 20),
-    # ViT: q, k, v, attention.output, intermediate, output x 2 (+ pooler); patch embedding conv
-    Entry("vit", vit, 13, convs=1),
-    # Whisper: encoder (q,k,v,o,fc1,fc2) + decoder (self 4 + cross 4 + fc1, fc2); proj_out absent in AutoModel
-    Entry("whisper", whisper, 6 + 10, convs=2),
-    # Wav2Vec2: feature projection + (q,k,v,o, ff in, ff out) x 2; feature-extractor convs + pos conv
-    Entry("wav2vec2", wav2vec2, 1 + 12, convs=3),
-    # ConvNeXt: pwconv1, pwconv2 per block x 2 stages; stem, downsampling and depthwise convs
-    Entry("convnext", convnext, 4, convs=5),
-    # ResNet: only convs (stem + 2 per basic block x 2 + 1 shortcut)
-    Entry("resnet", resnet, 0, convs=6),
+    # ViT: q, k, v, attention.output, intermediate, output x 2 (+ pooler); + the patch embedding conv
+    Entry("vit", vit, 13 + 1, convs=1),
+    # Whisper: encoder (q,k,v,o,fc1,fc2) + decoder (self 4 + cross 4 + fc1, fc2) + conv1, conv2
+    Entry("whisper", whisper, 6 + 10 + 2, convs=2),
+    # Wav2Vec2: feature projection + (q,k,v,o, ff in, ff out) x 2 + 2 feature-extractor convs (the
+    # grouped positional conv stays dense)
+    Entry("wav2vec2", wav2vec2, 1 + 12 + 2, convs=3),
+    # ConvNeXt: pwconv1, pwconv2 per block x 2 stages + stem and downsampling convs (depthwise: dense)
+    Entry("convnext", convnext, 4 + 2, convs=5),
+    # ResNet: only convs (stem + 2 per basic block x 2 + 2 shortcuts)
+    Entry("resnet", resnet, 7, convs=7),
     # nn.TransformerEncoder: (q, k, v, out_proj, linear1, linear2) x 2 + head
     Entry("torch_encoder", torch_encoder, 13),
     # nn.TransformerDecoderLayer: self (q,k,v,out) + cross (q,k,v,out) + linear1, linear2
