@@ -79,6 +79,16 @@ def conv_executor_for(device: torch.device):
         return ex
 
 
+def _cuda_conv_factory(device: torch.device):
+    """The NVRTC conv kernels' executor (imports cuda-python only when a CUDA tensor arrives)."""
+    from .cuda.executor_conv import CUDAConvExecutor
+
+    return CUDAConvExecutor(device)
+
+
+register_conv_executor("cuda", _cuda_conv_factory)
+
+
 def _meta(tensors) -> SimpleNamespace:
     return SimpleNamespace(**dict(zip(_META, tensors)))
 
