@@ -32,6 +32,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..calibration import (DEFAULT_DAMPING, InputStats, collect_stats, damped, output_error, probe, refit_factors,
@@ -41,7 +42,7 @@ from .block_sparsify import convert as _block_sparse_convert
 from .factorize_low_rank import convert as _low_rank_convert
 from .factorize_low_rank import whitened_rank
 from .factorized import as_layer, build
-from .infra import PassContext, PassResult
+from .infra import PassContext, PassResult, tidy
 from .rewrite import carry_out
 from .sites import LayerSite, find_sites
 
@@ -189,6 +190,8 @@ def calibrate(module: nn.Module, ctx: PassContext) -> PassResult:
             sub = dataclasses.replace(ctx, plan=Plan(ds, plan.traced, plan.capture_note, plan.notes))
             carry_out(module, sub, method, run)
             modified = True
+        if modified and isinstance(module, fx.GraphModule):
+            tidy(module)  # the next stage runs the graph: its code must call the new modules
     for k, d in decisions.items():
         if d.rewrites and k not in order.calls:
             d.reason += "; the calibration data never reached it: converted from its weights alone"

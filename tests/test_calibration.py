@@ -520,3 +520,26 @@ def test_generator_batches_are_read_once_and_reused():
     gen = (torch.randn(50, 64) for _ in range(3))
     conv = sparsify.sparsify(model, density=0.5, block_size=16, min_size=0, calibration_data=gen)
     assert all(d.result.get("output_error") is not None for d in conv._sparsify_plan.decisions if d.rewrites)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_functional_weights_and_graph_mode(graph):
+    class Fn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(128, 128) / 11)
+            self.b = nn.Parameter(torch.zeros(128))
+            self.lin = nn.Linear(128, 128)
+
+        def forward(self, x):
+            return self.lin(torch.relu(F.linear(x, self.w, self.b)))
+
+    torch.manual_seed(0)
+    model = Fn()
+    x = _data(256, 128, 3, corr=2.0).float()
+    kw = dict(method="low_rank", rank=16, min_size=0, example_inputs=(x[:4],), graph=graph)
+    conv = sparsify.sparsify(model, calibration_data=[x], **kw)
+    plain = sparsify.sparsify(model, **kw)
+    y = model(x)
+    assert rel_err(conv(x), y) < rel_err(plain(x), y)
+    assert {d.name for d in conv._sparsify_plan.decisions if "output_error" in d.result} == {"w", "lin"}
