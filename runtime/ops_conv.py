@@ -32,8 +32,9 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from .executors.cpu import ACTIVATIONS, apply_epilogue
+from .executors.cpu import ACTIVATIONS
 from .executors.cpu_conv import CPUConvExecutor, conv_output_size
+from .ops import _activation_grad  # the same recompute-and-differentiate as bsmm's backward
 
 __all__ = ["bsconv2d", "bsconv2d_dx", "bsconv2d_dw", "conv_executor_for", "register_conv_executor"]
 
@@ -236,14 +237,6 @@ def _setup_context(ctx, inputs, output):
     ctx.out_channels, ctx.stride, ctx.padding, ctx.dilation = out_channels, stride, padding, dilation
     ctx.activation = activation
     ctx.has_bias = bias is not None
-
-
-def _activation_grad(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
-    with torch.enable_grad():
-        p = pre.detach().requires_grad_(True)
-        out = apply_epilogue(p.clone(), None, None, activation)
-        (g,) = torch.autograd.grad(out, p, grad)
-    return g
 
 
 def _backward(ctx, grad_out):
