@@ -86,6 +86,23 @@ class _CPUGates:
 lstm_gates_cpu = _CPUGates
 
 
+class _LazyCUDAGates:
+    """The fused gate kernels (``runtime/cuda/executor_lstm.py``), imported on the first CUDA step."""
+
+    def forward(self, pre, c_prev):
+        from .cuda.executor_lstm import cuda_gate_kernels
+
+        return cuda_gate_kernels.forward(pre, c_prev)
+
+    def backward(self, dh, dc, act, c, c_prev):
+        from .cuda.executor_lstm import cuda_gate_kernels
+
+        return cuda_gate_kernels.backward(dh, dc, act, c, c_prev)
+
+
+register_gate_kernels("cuda", _LazyCUDAGates())
+
+
 def _gates_for(device: torch.device):
     return _GATE_KERNELS.get(device.type, _CPUGates)
 
