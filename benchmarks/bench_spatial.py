@@ -226,6 +226,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_start = list(os.getloadavg())
     spc, SpUNet = spconv_modules()
     import spconv
 
@@ -295,7 +296,8 @@ def main(argv=None) -> dict:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": head + ("-dirty" if dirty else ""),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average": list(os.getloadavg())},
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average_start": load_start,
+                    "load_average": list(os.getloadavg())},
         "threads": args.threads, "rounds": args.rounds,
         "torch": torch.__version__, "spconv": spconv.__version__, "python": sys.version.split()[0],
         "voxel_size_m": VOXEL,
