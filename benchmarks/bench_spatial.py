@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sparsify.spatial as ME
@@ -246,8 +245,9 @@ def main(argv=None) -> dict:
             k_me = ours.kernel.detach().reshape(3, 3, 3, 32, 32)  # [kz, ky, kx, in, out]
             theirs.weight.copy_(k_me.permute(4, 2, 1, 0, 3).contiguous())
         systems = {
-            "ours": (lambda f: ours(ours_input(coords, f)).F, f32, list(ours.parameters())),
-            "spconv": (lambda f: theirs(spconv_input(spc, coords, f)).features, f32, list(theirs.parameters())),
+            "ours": (lambda f, m=ours, c=coords: m(ours_input(c, f)).F, f32, list(ours.parameters())),
+            "spconv": (lambda f, m=theirs, c=coords: m(spconv_input(spc, c, f)).features, f32,
+                       list(theirs.parameters())),
         }
         # same weights, same data: check the two agree before timing them
         a = systems["ours"][0](f32)
@@ -281,8 +281,9 @@ def main(argv=None) -> dict:
             f4 = torch.randn(len(coords), 4)
             net_o, net_s = OursUNet().train(), SpUNet().train()
             systems = {
-                "ours": (lambda f: net_o(ours_input(coords, f)).F, f4, list(net_o.parameters())),
-                "spconv": (lambda f: net_s(spconv_input(spc, coords, f)).features, f4, list(net_s.parameters())),
+                "ours": (lambda f, m=net_o, c=coords: m(ours_input(c, f)).F, f4, list(net_o.parameters())),
+                "spconv": (lambda f, m=net_s, c=coords: m(spconv_input(spc, c, f)).features, f4,
+                           list(net_s.parameters())),
             }
             for backward in (False, True):
                 res = measure(systems, rounds, backward)

@@ -27,8 +27,10 @@ import torch
 import torch.nn as nn
 from torch.optim import SGD
 
-import sparsify.spatial as ME  # <- the import line (was: import MinkowskiEngine as ME)
-from sparsify.spatial.modules.resnet_block import BasicBlock  # <- (was: MinkowskiEngine.modules.resnet_block)
+# The import lines (were: import MinkowskiEngine as ME;
+#                          from MinkowskiEngine.modules.resnet_block import BasicBlock)
+import sparsify.spatial as ME
+from sparsify.spatial.modules.resnet_block import BasicBlock
 
 CLASSES = ("floor", "wall", "box", "sphere")
 

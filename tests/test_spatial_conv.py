@@ -59,7 +59,7 @@ def dense_grid(coords: torch.Tensor, feats: torch.Tensor, batch: int, ext, strid
     size = [-(-e // stride) + 1 for e in ext]
     grid = feats.new_zeros(batch, feats.shape[1], *size)
     idx = (coords[:, 0].long(), slice(None), *[(coords[:, 1 + i] // stride).long() for i in range(len(ext))])
-    grid[idx[0], :, *idx[2:]] = feats
+    grid[(idx[0], slice(None), *idx[2:])] = feats
     return grid
 
 

@@ -19,10 +19,10 @@ import torch
 import torch.fx as fx
 from hypothesis import given
 from hypothesis import strategies as st
+from sparsify.passes.sparsify_voxels import VoxelRewriteError
 from torch import nn
 
 import sparsify.spatial as ME
-from sparsify.passes.sparsify_voxels import VoxelRewriteError
 from tests.helpers import rel_err
 
 RTOL = 1e-9  # float64 throughout: only summation order differs

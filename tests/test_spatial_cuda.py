@@ -25,10 +25,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import sparsify.spatial as ME
 from sparsify.runtime.spatial import cuda as sc
 from sparsify.runtime.spatial.cpu import SpatialCPUExecutor
+
+import sparsify.spatial as ME
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.xdist_group("nvrtc")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import sparsify.spatial as ME
 from sparsify.runtime.spatial import cuda as sc
 from sparsify.runtime.spatial.cpu import SpatialCPUExecutor
+
+import sparsify.spatial as ME
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.gpu

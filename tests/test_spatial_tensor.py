@@ -23,9 +23,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from sparsify.runtime.spatial import CoordinateManager
 
 import sparsify.spatial as ME
-from sparsify.runtime.spatial import CoordinateManager
 from tests.helpers import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent

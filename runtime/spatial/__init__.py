@@ -22,7 +22,6 @@ from .manager import CoordinateManager, CoordinateMapKey, as_stride
 from .ops import register_spatial_executor, spatial_executor_for
 
 
-
 def _cuda_factory(device):
     from .cuda import SpatialCUDAExecutor
 

@@ -32,12 +32,12 @@ import torch
 from .coords import index_dtype
 from .cpu import SpatialCPUExecutor
 
+# SpatialKernelRuntime and EmulatedSpatialRuntime are built on first access (module
+# __getattr__): they subclass runtimes that import cuda-python or the emulator.
 __all__ = [
-    "EmulatedSpatialRuntime",
     "GemmConfig",
     "SpatialCUDAExecutor",
     "SpatialKernel",
-    "SpatialKernelRuntime",
     "WgradConfig",
     "program_for",
     "programs",

@@ -38,7 +38,12 @@ from .convert import from_dense
 from .network import MinkowskiNetwork, is_cuda_available
 from .nonlinearity import *  # noqa: F401,F403  (Minkowski<activation> for every torch.nn activation)
 from .nonlinearity import __all__ as _nonlinearity_all
-from .norm import MinkowskiBatchNorm, MinkowskiInstanceNorm, MinkowskiStableInstanceNorm, MinkowskiSyncBatchNorm
+from .norm import (
+    MinkowskiBatchNorm,
+    MinkowskiInstanceNorm,
+    MinkowskiStableInstanceNorm,
+    MinkowskiSyncBatchNorm,
+)
 from .ops import (
     MinkowskiBroadcast,
     MinkowskiBroadcastAddition,

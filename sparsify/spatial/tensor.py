@@ -300,8 +300,9 @@ class SparseTensor(_TensorBase):
             raise ValueError("SparseTensor: give coordinates or a coordinate_map_key, not both.")
         self.unique_index = self.inverse_mapping = None
         if coordinates is not None:
-            check_coordinates(coordinates, "SparseTensor") if not coordinates.dtype.is_floating_point else None
-            if coordinates.dtype.is_floating_point:
+            if not coordinates.dtype.is_floating_point:
+                check_coordinates(coordinates, "SparseTensor")
+            else:
                 warnings.warn("SparseTensor: coordinates implicitly converted to torch.IntTensor (floor); "
                               "use .int() to convert them yourself.", stacklevel=2)
                 coordinates = torch.floor(coordinates).int()
