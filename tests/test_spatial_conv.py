@@ -300,3 +300,43 @@ def test_pooling_gradcheck(mode, k, stride):
         return up(ME.MinkowskiSumPooling(2, 2, dimension=2)(x)).F
 
     assert torch.autograd.gradcheck(fn_up, (f,))
+
+
+def test_other_layers_gradcheck():
+    """Union, pruning, broadcast, generative transposed convolution and 4-D pooling: float64 gradcheck."""
+    coords, feats = _small(2, 4)
+    coords4, feats4 = _small(4, 3)
+    coords4, feats4 = coords4[:20], feats4[:20]
+    base = ME.SparseTensor(feats, coords)
+    cm, key = base.coordinate_manager, base.coordinate_map_key
+    gen = ME.MinkowskiGenerativeConvolutionTranspose(2, 2, kernel_size=2, stride=1, dimension=2).double()
+    other = ME.SparseTensor(feats[:5] * 0 + 1.0, coords[:5] + torch.tensor([0, 1, 0], dtype=torch.int32),
+                            coordinate_manager=cm)
+
+    def fn(f):
+        x = ME.SparseTensor(f, coordinate_map_key=key, coordinate_manager=cm)
+        u = ME.MinkowskiUnion()(x, other)
+        p = ME.MinkowskiPruning()(x, x.C[:, 1] % 2 == 0)
+        g = ME.MinkowskiGlobalMaxPooling()(x)
+        b = ME.MinkowskiBroadcastMultiplication()(x, g)
+        return u.F, p.F, b.F, gen(x).F
+
+    assert torch.autograd.gradcheck(fn, (feats.clone().requires_grad_(True),))
+    x4 = ME.SparseTensor(feats4, coords4)
+
+    def fn4(f):
+        x = ME.SparseTensor(f, coordinate_map_key=x4.coordinate_map_key, coordinate_manager=x4.coordinate_manager)
+        return ME.MinkowskiAvgPooling(2, 2, dimension=4)(x).F, ME.MinkowskiSumPooling(3, 1, dimension=4)(x).F
+
+    assert torch.autograd.gradcheck(fn4, (feats4.clone().requires_grad_(True),))
+
+
+@given(scenes(dims=(4,)), st.sampled_from([(2, 2), (3, 1), (3, 2)]))
+def test_pooling_in_4d_equals_the_dense_window_sum(scene, ks_stride):
+    d, ext, batch, coords, feats, g = scene
+    k, s = ks_stride
+    x = ME.SparseTensor(feats, coords)
+    y = ME.MinkowskiSumPooling(kernel_size=k, stride=s, dimension=4)(x)
+    eye = torch.eye(feats.shape[1], dtype=feats.dtype).expand(k**4, -1, -1)  # sum pooling = conv with identity
+    ref = read_at(shifted_sum_conv(dense_grid(x.C, x.F, batch, ext), eye, (k,) * 4, 1, s), y.C, s)
+    assert rel_err(y.F, ref) < RTOL
