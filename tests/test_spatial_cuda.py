@@ -158,3 +158,31 @@ def test_emulated_hash_finds_the_kernel_map(emulated, case, schedule):
         want = index.rows_of_inside_keys(keys + s)
         assert torch.equal(rows[kk, : len(keys)], want)
         assert rows[kk, len(keys):].tolist() == [-1, -1]
+
+
+def test_layers_run_through_the_op_on_the_emulated_kernels(emulated):
+    """``use_emulator()``: a layer's forward and backward go through torch.ops.sparsify.spatial_conv
+    to the CUDA kernels on the emulator, and equal the CPU executor's."""
+    from sparsify.runtime.spatial import spatial_executor_for, use_emulator
+
+    g = torch.Generator().manual_seed(3)
+    coords = torch.nonzero(torch.rand(1, 6, 6, 6, generator=g) < 0.3).to(torch.int32)
+    feats = torch.randn(len(coords), 8, generator=g)
+    conv = ME.MinkowskiConvolution(8, 16, kernel_size=3, stride=2, dimension=3)
+    results = []
+    for emulate in (False, True):
+        use_emulator(emulate)
+        try:
+            ex = spatial_executor_for(torch.device("cpu"))
+            assert ex.name == ("cuda" if emulate else "cpu")
+            f = feats.clone().requires_grad_(True)
+            conv.kernel.grad = None
+            y = conv(ME.SparseTensor(f, coords))
+            y.F.square().sum().backward()
+            results.append((y.F.detach(), f.grad, conv.kernel.grad.clone()))
+            if emulate:  # forward, dgrad and wgrad kernels ran
+                assert {n.split("_")[1] for n, *_ in ex.runtime.launches} >= {"fwd", "dgrad", "wgrad"}
+        finally:
+            use_emulator(False)
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5  # float32: FFMA with fp32 accumulation, another summation order

@@ -7,6 +7,8 @@ with fake implementations and autograd; :mod:`.cpu` is the reference executor
 and :mod:`.cuda` the NVRTC kernels.  Nothing here imports passes or the API.
 """
 
+import os as _os
+
 from . import ops as _ops  # noqa: F401  (registers torch.ops.sparsify.spatial_*)
 from .coords import (
     CoordinateIndex,
@@ -30,6 +32,26 @@ def _cuda_factory(device):
 
 register_spatial_executor("cuda", _cuda_factory)  # a factory only: nothing CUDA is imported here
 
+
+def use_emulator(enable: bool = True) -> None:
+    """Run the spatial ops of CPU tensors on the CUDA kernels under the CPU emulator (tests, kernel
+    work without a GPU); ``SPARSIFY_EMULATE_CUDA=1`` turns it on at import.  ``False`` restores
+    the CPU executor."""
+    if not enable:
+        register_spatial_executor("cpu", lambda device: None)
+        return
+
+    def factory(device):
+        from .cuda import EmulatedSpatialRuntime, SpatialCUDAExecutor
+
+        return SpatialCUDAExecutor(EmulatedSpatialRuntime())
+
+    register_spatial_executor("cpu", factory)
+
+
+if _os.environ.get("SPARSIFY_EMULATE_CUDA", "").strip().lower() in ("1", "true", "yes", "on"):
+    use_emulator(True)
+
 __all__ = [
     "CoordinateIndex",
     "CoordinateManager",
@@ -44,4 +66,5 @@ __all__ = [
     "spatial_executor_for",
     "stride_coordinates",
     "unique_coordinates",
+    "use_emulator",
 ]
