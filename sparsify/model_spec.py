@@ -213,6 +213,22 @@ class ModelSpec:
             _load_weights(model, self.weights, self.target)
         return model
 
+    def build_skeleton(self) -> nn.Module:
+        """The model on the ``meta`` device, in eval mode, without weights: what streaming conversion
+        (``sparsify.streaming``) fills one layer at a time from ``weights``.
+
+        Example:
+            >>> type(parse_model("torch.nn:Linear", factory_args=[4, 2]).build_skeleton().weight.device).__name__
+            'device'
+        """
+        if self.kind == "artifact":
+            raise InputError(f"{self.target} is a saved sparsify artifact, not an original model; "
+                             "give the model it was converted from (e.g. package.module:factory).")
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            torch.manual_seed(self.seed)
+            model = self._build_factory() if self.kind == "factory" else self._build_hf(load_weights=False)
+        return model.eval()
+
     def _build_factory(self) -> nn.Module:
         fn = resolve_factory(self.target)
         args, kwargs = _split_args(self.factory_args, self.target)
@@ -232,7 +248,7 @@ class ModelSpec:
                 if isinstance(s, str) else InputSpec(tuple(s)) for s in shapes]
         return model
 
-    def _build_hf(self) -> nn.Module:
+    def _build_hf(self, load_weights: bool = True) -> nn.Module:
         path = Path(self.target)
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
@@ -249,7 +265,7 @@ class ModelSpec:
         config = model.config
         self.int_high = int(getattr(config, "vocab_size", 2) or 2)
         self.default_inputs = _hf_default_inputs(model)
-        if self.weights:
+        if self.weights and load_weights:
             _load_weights(model, self.weights, str(cfg_file))
         return model
 
@@ -385,10 +401,16 @@ def _load_weights(model: nn.Module, path: str, what: str) -> None:
 
     if not Path(path).is_file():
         raise InputError(f"--weights {path}: no such file.")
-    try:
-        sd = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"--weights {path}: not a readable safetensors file ({_first_line(exc)}).") from None
+    if str(path).endswith(".json"):  # a sharded checkpoint's index (model.safetensors.index.json)
+        from .streaming import CheckpointReader
+
+        reader = CheckpointReader(path)
+        sd = {n: reader.get(n) for n in reader.names()}
+    else:
+        try:
+            sd = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"--weights {path}: not a readable safetensors file ({_first_line(exc)}).") from None
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shape mismatches
