@@ -371,6 +371,8 @@ def cmd_convert(args) -> int:
     if spec.kind == "artifact":
         raise InputError(f"{args.model} is already a converted sparsify artifact; convert the original model.")
     config = _config_from_args(args)
+    if args.stream or args.distributed or (spec.weights and str(spec.weights).endswith(".json")):
+        return _convert_streaming(args, spec, config)
     inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
     out = check_output_path(args.output, inputs_paths, force=args.force)
     if args.report:
@@ -423,6 +425,65 @@ def cmd_convert(args) -> int:
     if args.report:
         print(f"wrote {', '.join(str(p.out) for p in pending[:-1])}")
     print(f"wrote {out} ({ex}; {time.perf_counter() - t:.1f} s)")
+    return EXIT_OK
+
+
+def _convert_streaming(args, spec, config) -> int:
+    """convert --stream / --distributed / --weights INDEX.json: one layer at a time (sparsify.streaming),
+    split across torchrun's ranks with --distributed; rank 0 prints and writes."""
+    import torch
+
+    from . import files
+    from .html_report import check_report_path, stage_report
+    from .io import _input_record, hf_info
+    from .report import Report
+    from .streaming import convert_checkpoint, parse_size
+
+    if not spec.weights:
+        raise InputError("--stream / --distributed convert a checkpoint one layer at a time: give it with --weights "
+                         "(a .safetensors file or a sharded model.safetensors.index.json).")
+    try:
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise InputError(f"--max-shard-size {args.max_shard_size}: {exc}") from None
+    distributed = args.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    first = not distributed or int(os.environ.get("RANK", "0")) == 0
+    inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
+    if args.report and first:
+        check_report_path(args.report, inputs_paths + [Path(args.output)], force=args.force)
+        out_abs = Path(args.output).resolve()
+        if Path(args.report).resolve() == out_abs or out_abs in Path(args.report).resolve().parents:
+            raise InputError(f"--report {args.report} would be inside OUT {args.output}; choose another path.")
+    skeleton = spec.build_skeleton()
+    specs = _input_specs(args, spec)
+    inputs = _make_inputs(specs, spec, args.seed) if specs else None
+    outcome = convert_checkpoint(
+        skeleton, spec.weights, args.output, config, example_inputs=inputs, max_shard_size=max_shard,
+        overwrite=args.force, progress=first and not args.no_progress and sys.stderr.isatty(),
+        distributed=distributed, model_spec=spec, hf=hf_info(skeleton) if spec.kind == "hf" else None,
+        inputs_record=[_input_record(x) for x in inputs] if inputs else None,
+        extra={"torch_threads": torch.get_num_threads()}, record_fingerprint=True, commit=False)
+    if outcome is None:  # a rank other than 0: its layers went to rank 0
+        return EXIT_OK
+    rep = Report.from_plan(outcome.plan)
+    print(rep)
+    pending: list = []
+    try:
+        if args.report:
+            pending += stage_report(args.report, rep, None, title=f"sparsify report: {spec.target}",
+                                    meta={"model": spec.target, "config": repr(config),
+                                          "inputs": _describe_inputs(specs), "artifact": str(outcome.path)},
+                                    force=args.force)
+        pending.append(outcome.pending)
+        _commit(pending)
+    except BaseException:
+        files.discard_all(pending)
+        raise
+    if args.report:
+        print(f"wrote {', '.join(str(p.out) for p in pending[:-1])}")
+    print(f"wrote {outcome.path} (streamed {outcome.units} layers, {outcome.bytes_read / 2**20:.1f} MiB read, "
+          f"{outcome.processes} process{'es' if outcome.processes > 1 else ''}, {outcome.seconds:.1f} s; "
+          "no program: load it with its class or factory)")
     return EXIT_OK
 
 
@@ -673,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing artifact at OUT (and a report sparsify wrote at --report)")
     p.add_argument("--report", metavar="FILE", help="also write a report (.html or .md)")
     p.add_argument("--no-export", action="store_true", help="do not store the inference program")
+    p.add_argument("--stream", action="store_true",
+                   help="convert one layer at a time from --weights (implied by a sharded *.index.json)")
+    p.add_argument("--max-shard-size", default="512MB", metavar="SIZE",
+                   help="streaming: largest weights shard of OUT, e.g. 512MB or 2GiB (512MB)")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: each process converts a share of the layers, rank 0 writes OUT")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", parents=[common, model], help="compare OUT with its dense reference and MODEL",
