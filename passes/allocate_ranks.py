@@ -66,8 +66,8 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rs
-from ..calibration import DEFAULT_DAMPING, InputStats, collect_stats, damped, output_sq_norm, site_watch, \
-    weight_groups
+from ..calibration import DEFAULT_DAMPING, InputStats, centered, collect_stats, damped, output_sq_norm, \
+    output_variation, site_watch, weight_groups
 from ..patterns import block_norms, magnitude_layout
 from ..modules.factorized_conv import tt_conv_weight
 from ..modules.low_rank import svd_rank
@@ -245,18 +245,20 @@ def _reconstruct(method: str, layer: nn.Module, ranks: Any) -> torch.Tensor:
     return torch.cat([o.reshape(-1, *layer.weight.shape[1:]) for o in outs]).reshape(layer.weight.shape)
 
 
-def _output_levels(method: str, layer: nn.Module, levels, st: InputStats, damping: float) -> list[float]:
+def _output_levels(method: str, layer: nn.Module, levels, st: InputStats, damping: float,
+                   center: bool = False) -> list[float]:
     """Relative squared output error on the calibration inputs (statistics ``st``) for each level:
     exact for low rank (the tail of the whitened spectrum: what the whitened SVD reaches); for
     the others the weight-only decomposition's, measured at a few levels (``tr(D H D^T)``) and
     the ratio to the weight error interpolated in between."""
     groups = getattr(layer, "groups", 1)
     w = weight_groups(layer.weight, groups)
-    y2 = output_sq_norm(w, layer.bias, st) or 1.0
+    y2 = output_variation(w, st) or output_sq_norm(w, layer.bias, st) or 1.0
+    h = centered(st) if center and layer.bias is not None else st.h  # the bias takes the mean (calibrate)
     if method == "low_rank":
         from ..calibration import whitened_svd
 
-        hd, _ = damped(st.h, damping)
+        hd, _ = damped(h, damping)
         s, _ = whitened_svd(w[0], hd[0])
         tail = _tails(s)
         return [tail[r] / y2 for r, _ in levels]
@@ -265,7 +267,7 @@ def _output_levels(method: str, layer: nn.Module, levels, st: InputStats, dampin
     for i in idx:
         ranks, werr = levels[i]
         dw = w - weight_groups(_reconstruct(method, layer, ranks), groups)
-        e = float(torch.einsum("god,gde,goe->", dw, st.h, dw)) / y2
+        e = float(torch.einsum("god,gde,goe->", dw, h, dw)) / y2
         ratio[float(i)] = e / werr if werr > 0 else 1.0
     q = rs.interpolate_errors([float(i) for i in range(len(levels))], ratio)
     return [werr * qi for (_, werr), qi in zip(levels, q)]
@@ -275,7 +277,8 @@ def _curve(d, method: str, layer: nn.Module, p: dict[str, Any], st: InputStats |
     mult = p.get("rank_multiple", 1)
     levels = _weight_levels(method, layer, mult)
     damping = getattr(ctx.config, "calibration_damping", DEFAULT_DAMPING)
-    errors = [e for _, e in levels] if st is None else _output_levels(method, layer, levels, st, damping)
+    center = getattr(ctx.config, "correct_bias", True)
+    errors = [e for _, e in levels] if st is None else _output_levels(method, layer, levels, st, damping, center)
     use_flops = bool(p.get("flops"))
     in_shape = d.input_shape
     out = []
@@ -363,8 +366,32 @@ def _dense_stats(module: nn.Module, ctx: PassContext, items: list, visit) -> Non
         del stats
 
 
+def _sensitivities(module: nn.Module, ctx: PassContext, items: list) -> dict:
+    """``site key -> s^2``: how much the model's output moves per unit of each layer's relative output
+    error (``calibration.sensitivity``), so the allocation weighs each layer's error by its effect on
+    the model.  Layers it cannot perturb alone get the median; all 1 without calibration data or with
+    ``sensitivity=False``."""
+    from ..calibration import sensitivity
+
+    data = getattr(ctx, "calibration", None)
+    if data is None or not getattr(ctx.config, "sensitivity", True):
+        return {it[1].key: 1.0 for it in items}
+    try:
+        s = sensitivity(module, [site_watch(site) for _, site in items], data)
+    except Exception as exc:
+        raise ValueError(f"sparsify(calibration_data=...): the model did not run on it "
+                         f"({type(exc).__name__}: {exc}); pass inputs its forward accepts.") from exc
+    vals = sorted(s.values())
+    median = vals[len(vals) // 2] if vals else 1.0
+    return {it[1].key: s.get(it[1].key, median) ** 2 for it in items}
+
+
+def _weighted(curve: rs.Curve, weight: float) -> rs.Curve:
+    return rs.Curve(curve.name, [(size, err * weight, spec) for size, err, spec in curve.levels])
+
+
 # ------------------------------------------------------------ block sparse
-def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float) -> rs.Curve:
+def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float, center: bool = False) -> rs.Curve:
     """Kept-block counts of one layer with their estimated relative squared output (or weight)
     error; see the module docstring (4)."""
     from ..calibration import refit_blocks
@@ -379,9 +406,10 @@ def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float) -> 
         scale = torch.ones(in_f, dtype=torch.float64)
         y2 = float(w.pow(2).sum()) or 1.0
     else:
-        hd = damped(st.h, damping)[0][0]
+        h = centered(st) if center and site.bias is not None else st.h  # the bias takes the mean
+        hd = damped(h, damping)[0][0]
         scale = hd.diagonal().clamp_min(0).sqrt()
-        y2 = output_sq_norm(w[None], site.bias, st) or 1.0
+        y2 = output_variation(w[None], st) or output_sq_norm(w[None], site.bias, st) or 1.0
     ws = w * scale[None, :]
     scores = block_norms(ws, b).pow(2)
     first = scores.argmax(1)
@@ -394,7 +422,7 @@ def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float) -> 
     total = float(scores.sum())
     extra = sorted({0, *rs.sample_levels(total_blocks - nbr, 40)}) if total_blocks > nbr else [0]
     dense = w.numel()
-    grid = [j for j in extra if (nbr + j) * b * b <= dense]
+    grid = [j for j in extra if (nbr + j) * b * b < dense]  # every block kept: the dense level instead
     if not grid:
         return rs.Curve(_label(d), [(float(dense), 0.0, "dense")])
     est = [max(total - float(kept[j]), 0.0) / y2 for j in grid]
@@ -415,7 +443,7 @@ def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float) -> 
                 continue
             refit = refit_blocks(w, hd, mask, b, rows=sample)
             dw = (w - refit)[rows][None]
-            true = float(torch.einsum("god,gde,goe->", dw, st.h, dw))
+            true = float(torch.einsum("god,gde,goe->", dw, h, dw))
             ratio[float(gi)] = true / dropped
         if ratio:
             q = rs.interpolate_errors([float(i) for i in range(len(grid))], ratio)
@@ -454,12 +482,16 @@ def _allocate_blocks(module: nn.Module, ctx: PassContext, sites: dict, plan) -> 
         else:
             groups.setdefault(float(d.params["density"]), []).append(d)
     damping = getattr(cfg, "calibration_damping", DEFAULT_DAMPING)
+    center = getattr(cfg, "correct_bias", True)
     fixed = sum(_block_elements(d) for d in pinned)
     for density, group in groups.items():
         curves: dict[int, rs.Curve] = {}
-        _dense_stats(module, ctx, [(d, sites[(d.name, d.node)]) for d in group],
-                     lambda it, st: curves.__setitem__(id(it[0]), _block_levels(it[0], it[1], st, damping)))
-        cs = [curves[id(d)] for d in group]
+        items = [(d, sites[(d.name, d.node)]) for d in group]
+        _dense_stats(module, ctx, items,
+                     lambda it, st: curves.__setitem__(id(it[0]), _block_levels(it[0], it[1], st, damping,
+                                                                                center)))
+        weights = _sensitivities(module, ctx, items)
+        cs = [_weighted(curves[id(d)], weights[site.key]) for d, site in items]
         total = sum(math.prod(d.weight_shape) for d in group + pinned)
         budget = density * total
         where = f"density={density:g} across {len(group) + len(pinned)} block_sparse layers"
@@ -594,9 +626,11 @@ def _allocate_group(module, ctx, sites, group, fixed, compression, use_flops) ->
         d = it[0]
         curves_by[id(d)] = _curve(d, d.method, as_layer(it[1]), d.params, st, ctx)
 
-    _dense_stats(module, ctx, [(d, sites[(d.name, d.node)]) for d in group], visit)
+    items = [(d, sites[(d.name, d.node)]) for d in group]
+    _dense_stats(module, ctx, items, visit)
     calib = getattr(ctx, "calibration", None)
-    curves = [curves_by[id(d)] for d in group]
+    weights = _sensitivities(module, ctx, items)
+    curves = [_weighted(curves_by[id(d)], weights[site.key]) for d, site in items]
     # layers of the same method and settings with a per-layer rank count toward the target as they are
     same = [d for d in fixed if d.params.get("compression") == compression and bool(d.params.get("flops")) == use_flops]
     before = sum((d.flops_before if use_flops else d.params_before) or 0 for d in group + same)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import DEFAULT_DAMPING, InputStats, damped, output_error, refit_blocks, select_blocks
+from ..calibration import (DEFAULT_DAMPING, InputStats, centered, corrected_bias, damped, output_error, refit_blocks,
+                           select_blocks)
 from ..modules.block_sparse import BlockSparseLinear
 from ..patterns import magnitude_layout
 from .infra import PassContext, PassResult
@@ -27,7 +28,8 @@ __all__ = ["block_sparsify", "convert"]
 
 
 def convert(site: LayerSite, params: dict, stats: InputStats | None = None,
-            damping: float = DEFAULT_DAMPING, selection: str = "saliency") -> tuple[nn.Module, dict]:
+            damping: float = DEFAULT_DAMPING, selection: str = "saliency",
+            correct_bias: bool = True) -> tuple[nn.Module, dict]:
     """The block-sparse layer for ``site`` (see the module docstring) and what it produced."""
     w = site.weight.detach()
     bias = None if site.bias is None else site.bias.detach()
@@ -37,19 +39,22 @@ def convert(site: LayerSite, params: dict, stats: InputStats | None = None,
         new = BlockSparseLinear.from_weight(w, bias, layout)
         return new, {"density": layout.density, "block_size": layout.block_size, "nnz_blocks": layout.nnz}
     w64 = w.to(torch.float64)
-    hd, lam = damped(stats.h.to(w64.device), damping)
+    center = correct_bias and bias is not None
+    hd, lam = damped((centered(stats) if center else stats.h).to(w64.device), damping)
     layout = select_blocks(w64, hd[0], params["density"], b, selection=selection)
     refit = refit_blocks(w64, hd[0], layout.block_mask(), b)
-    new = BlockSparseLinear.from_weight(refit.to(w.dtype), bias, layout)
+    new_bias = corrected_bias(w64[None], refit[None], bias, stats) if center else bias
+    new = BlockSparseLinear.from_weight(refit.to(w.dtype), new_bias, layout)
     kept_only = layout.to_dense(layout.values_from_dense(w64))  # the same blocks, not refit
-    err = output_error(w64[None], refit[None], bias, stats)
+    err = output_error(w64[None], refit[None], bias, stats, bias_new=new_bias if center else None)
     before = output_error(w64[None], kept_only[None], bias, stats)
     return new, {
         "density": layout.density, "block_size": layout.block_size, "nnz_blocks": layout.nnz,
         "output_error": err,
         "calibration": (f"blocks by {'OBS greedy removal' if selection == 'obs' else 'saliency |W| ||x||'}, "
                         f"kept blocks refit by least squares (damping {damping:g} x mean diag: "
-                        f"lambda {float(lam[0]):.3g}); output error {before:.3g} unrefit -> {err:.3g}"),
+                        f"lambda {float(lam[0]):.3g}){'; bias corrected for the mean input' if center else ''}; "
+                        f"output error {before:.3g} unrefit -> {err:.3g}"),
     }
 
 

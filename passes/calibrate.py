@@ -35,8 +35,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..calibration import (DEFAULT_DAMPING, InputStats, collect_stats, damped, output_error, probe, refit_factors,
-                           site_watch, weight_groups)
+from ..calibration import (DEFAULT_DAMPING, InputStats, centered, collect_stats, corrected_bias, damped, output_error,
+                           probe, refit_factors, site_watch, weight_groups)
 from ..decision import Plan
 from .block_sparsify import convert as _block_sparse_convert
 from .factorize_low_rank import convert as _low_rank_convert
@@ -53,7 +53,8 @@ STATS_MEMORY = 2 << 30
 
 
 def _refit_converter(method: str):
-    def convert(site: LayerSite, params: dict, stats: InputStats, damping: float) -> tuple[nn.Module, dict]:
+    def convert(site: LayerSite, params: dict, stats: InputStats, damping: float,
+                correct_bias: bool = True) -> tuple[nn.Module, dict]:
         layer = as_layer(site)
         new = build(method, layer, params["ranks"], forward=params.get("forward", "factorized"),
                     batch_hint=params.get("batch_hint", 256))
@@ -62,10 +63,21 @@ def _refit_converter(method: str):
         w = layer.weight.detach()
         groups = getattr(layer, "groups", 1)
         wg = weight_groups(w, groups)
-        hd, _ = damped(stats.h.to(w.device), damping)
-        before = output_error(wg, weight_groups(new.to_dense().detach(), groups), layer.bias, stats)
+        center = correct_bias and layer.bias is not None
+        hd, _ = damped((centered(stats) if center else stats.h).to(w.device), damping)
+
+        def error() -> float:
+            wn = weight_groups(new.to_dense().detach(), groups)
+            if not center:
+                return output_error(wg, wn, layer.bias, stats)
+            return output_error(wg, wn, layer.bias, stats, bias_new=corrected_bias(wg, wn, layer.bias, stats))
+
+        before = error()
         fit = refit_factors(new, w, hd, groups)
-        after = output_error(wg, weight_groups(new.to_dense().detach(), groups), layer.bias, stats)
+        after = error()
+        if center:
+            with torch.no_grad():
+                new.bias.copy_(corrected_bias(wg, weight_groups(new.to_dense().detach(), groups), layer.bias, stats))
         if "skipped" in fit:
             how = f"weight-only {method} (factors not refit: {fit['skipped']}); output error {after:.3g}"
         elif after < before:
@@ -78,7 +90,7 @@ def _refit_converter(method: str):
         else:
             how = f"weight-only {method} (a refit against the outputs did not lower the error); output error {after:.3g}"
         produced["output_error"] = after
-        produced["calibration"] = how
+        produced["calibration"] = how + ("; bias corrected for the mean input" if center else "")
         return new, produced
     return convert
 
@@ -118,7 +130,8 @@ def _low_rank_plan(d, site: LayerSite, st: InputStats, damping: float, cfg) -> A
     """The whitened rank of a low-rank decision (known only now for ``tolerance=``); a rank
     past break-even leaves the layer dense, with the reason."""
     w = site.weight.detach()
-    res = whitened_rank(w, st, d.params, damping)
+    center = getattr(cfg, "correct_bias", True) and site.bias is not None
+    res = whitened_rank(w, st, d.params, damping, center)
     r = res[0]
     out_f, in_f = w.shape
     if getattr(cfg, "dense_if_larger", True) and r * (in_f + out_f) > in_f * out_f:
@@ -185,6 +198,7 @@ def calibrate(module: nn.Module, ctx: PassContext) -> PassResult:
             def run(site, params, convert=convert):
                 extra = ({"whitened": whitened.get(site.key)} if method == "low_rank" else
                          {"selection": getattr(cfg, "block_selection", "saliency")} if method == "block_sparse" else {})
+                extra["correct_bias"] = getattr(cfg, "correct_bias", True)
                 return convert(site, params, stats[site.key], damping, **extra)
 
             sub = dataclasses.replace(ctx, plan=Plan(ds, plan.traced, plan.capture_note, plan.notes))

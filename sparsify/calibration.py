@@ -56,7 +56,10 @@ __all__ = [
     "CalibrationWarning",
     "InputStats",
     "as_batches",
+    "centered",
     "collect_stats",
+    "corrected_bias",
+    "output_variation",
     "damped",
     "model_error",
     "output_error",
@@ -64,6 +67,7 @@ __all__ = [
     "refit_blocks",
     "refit_factors",
     "select_blocks",
+    "sensitivity",
     "weight_groups",
     "whitened_svd",
 ]
@@ -280,9 +284,11 @@ def output_sq_norm(w: torch.Tensor, bias: torch.Tensor | None, st: InputStats) -
     return max(y2, 0.0)
 
 
-def output_error(w: torch.Tensor, w_new: torch.Tensor, bias: torch.Tensor | None, st: InputStats) -> float:
-    """Relative output error ``||X (W - W')^T|| / ||X W^T + b||`` on the calibration inputs, exactly,
-    from the statistics (``w``, ``w_new`` as :func:`weight_groups`).
+def output_error(w: torch.Tensor, w_new: torch.Tensor, bias: torch.Tensor | None, st: InputStats,
+                 bias_new: torch.Tensor | None = None) -> float:
+    """Relative output error ``||(X W'^T + b') - (X W^T + b)|| / ||X W^T + b||`` on the calibration
+    inputs, exactly, from the statistics (``w``, ``w_new`` as :func:`weight_groups`; ``bias_new``
+    the converted layer's bias when it differs from ``bias``).
 
     Example:
         >>> st = InputStats.empty(1, 2); st.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
@@ -292,8 +298,53 @@ def output_error(w: torch.Tensor, w_new: torch.Tensor, bias: torch.Tensor | None
     w, w_new = w.to(torch.float64), w_new.to(torch.float64)
     d = w - w_new
     e2 = float(torch.einsum("god,gde,goe->", d, st.h, d))
+    if bias_new is not None:
+        # the output difference is X D^T - delta with delta = b' - b
+        delta = (bias_new.detach().to(torch.float64) - (0 if bias is None else bias.detach().to(torch.float64)))
+        delta = delta.reshape(d.shape[0], d.shape[1])
+        e2 += -2.0 * float(torch.einsum("go,god,gd->", delta, d, st.s)) + st.n * float(delta.pow(2).sum())
     y2 = output_sq_norm(w, bias, st)
     return math.sqrt(max(e2, 0.0) / y2) if y2 > 0 else (0.0 if e2 <= 0 else float("inf"))
+
+
+def output_variation(w: torch.Tensor, st: InputStats) -> float:
+    """``||X W^T - mean||^2``: the energy of the layer's output about its mean on the calibration
+    inputs, ``tr(W C W^T)`` (``C`` the centered moment).  The allocation compares layers by the
+    fraction of this they lose: a layer whose output is mostly its constant mean (a large bias, or
+    inputs with a large mean) would look cheap to compress by ``||Y||`` and be starved.
+
+    Example:
+        >>> st = InputStats.empty(1, 1); st.add(torch.tensor([[1.0], [3.0]]))
+        >>> output_variation(torch.ones(1, 1, 1), st)
+        2.0
+    """
+    w = w.to(torch.float64)
+    return max(float(torch.einsum("god,gde,goe->", w, centered(st), w)), 0.0)
+
+
+def centered(st: InputStats) -> torch.Tensor:
+    """The inputs' moment about their mean, ``C = H - s s^T / n`` per group: what a weight must fit
+    when the bias absorbs the mean (see :func:`corrected_bias`)."""
+    if st.n == 0:
+        return st.h
+    c = st.h - torch.einsum("gd,ge->gde", st.s, st.s) / st.n
+    return (c + c.transpose(1, 2)) / 2
+
+
+def corrected_bias(w: torch.Tensor, w_new: torch.Tensor, bias: torch.Tensor, st: InputStats) -> torch.Tensor:
+    """``b' = b + (W - W') mu`` (``mu = s / n``, per group): the bias that keeps the mean output on
+    the calibration inputs.  With ``W'`` fitted to the centered moment (:func:`centered`), ``(W', b')``
+    is the least-squares optimum of the output error over the new weights and the bias together.
+
+    Example:
+        >>> st = InputStats.empty(1, 2); st.add(torch.tensor([[1.0, 3.0], [3.0, 1.0]]))
+        >>> corrected_bias(torch.ones(1, 1, 2), torch.zeros(1, 1, 2), torch.zeros(1), st).tolist()
+        [4.0]
+    """
+    mu = st.s / max(st.n, 1)
+    d = w.to(torch.float64) - w_new.to(torch.float64)
+    out = torch.einsum("god,gd->go", d, mu).reshape(-1)
+    return (bias.detach().to(torch.float64) + out).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------- the watcher
@@ -407,7 +458,7 @@ class _Watcher(TorchFunctionMode):
     """Feeds the inputs of watched layers to their statistics (see the module docstring)."""
 
     def __init__(self, watches: Sequence[Watch], *, collect: bool = True, stop_counts: dict | None = None,
-                 on_call=None) -> None:
+                 on_call=None, perturb=None) -> None:
         super().__init__()
         self.by_param: dict[int, list[Watch]] = {}
         for w in watches:
@@ -415,6 +466,7 @@ class _Watcher(TorchFunctionMode):
         self.collect = collect
         self.stop_counts = stop_counts
         self.on_call = on_call
+        self.perturb = perturb
 
     def _targets(self, w: Any) -> tuple[list[Watch], tuple[int, int] | None]:
         if not isinstance(w, torch.Tensor):
@@ -450,6 +502,7 @@ class _Watcher(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        targets: list[Watch] = []
         if func in _LINEAR_FUNCS:
             x, w = (args + (None, None))[:2]
             x, w = kwargs.get("input", x), kwargs.get("weight", w)
@@ -477,7 +530,10 @@ class _Watcher(TorchFunctionMode):
                                                        vals["dilation"], vals["groups"], dim))
         elif func is _MHA:
             self._mha(args, kwargs)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.perturb is not None and len(targets) == 1 and isinstance(out, torch.Tensor):
+            out = self.perturb(targets[0], out, conv=func in _CONV_FUNCS)
+        return out
 
     def _mha(self, args, kwargs) -> None:
         bound = _mha_signature().bind(*args, **kwargs)
@@ -529,6 +585,49 @@ def model_device(model: nn.Module) -> torch.device | None:
     for t in model.buffers():
         return t.device
     return None
+
+
+def sensitivity(model: nn.Module, watches: Sequence[Watch], data: CalibrationData, *, eps: float = 0.05,
+                batches: int = 2) -> dict:
+    """How much each watched layer's output error moves the model's output: ``key -> s`` with
+    ``||d model output|| / ||model output|| ~= s * ||d layer output|| / ||layer output variation||``,
+    measured by adding Gaussian noise of relative size ``eps`` (to the output's variation about its
+    mean) to that layer's output alone, on the first ``batches`` batches.  Layers whose output is
+    not a separate call (``nn.MultiheadAttention``'s packed q / k / v) are left out.
+
+    Example:
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> s = sensitivity(torch.nn.Sequential(lin), [Watch("fc", lin.weight)], as_batches([torch.randn(64, 4)]))
+        >>> 0.5 < s["fc"] < 2.0   # the model's output is the layer's: about 1 (the bias adds energy)
+        True
+    """
+    device = model_device(model)
+    sub = [b for _, b in zip(range(batches), data.batches(device))]
+    with torch.no_grad(), _eval_no_grad(model):
+        ref = [_leaves(model(*a, **k)) for a, k in sub]
+        total = sum(float(t.double().pow(2).sum()) for leaves in ref for _, t in leaves) or 1.0
+        out: dict = {}
+        for i, watch in enumerate(watches):
+            gen = torch.Generator(device=device or "cpu").manual_seed(i)
+            hit = [False]
+
+            def perturb(t: Watch, y: torch.Tensor, conv: bool = False, watch=watch, gen=gen) -> torch.Tensor:
+                if t is not watch:
+                    return y
+                hit[0] = True
+                v = y.transpose(0, 1).reshape(y.shape[1], -1) if conv and y.dim() > 2 else y.reshape(-1, y.shape[-1])
+                var = float((v - v.mean(-1 if conv and y.dim() > 2 else 0, keepdim=True)).double().pow(2).sum())
+                noise = torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+                return y + noise * (eps * math.sqrt(var / max(float(noise.double().pow(2).sum()), 1e-300)))
+
+            moved = 0.0
+            with _Watcher([watch], collect=False, perturb=perturb):
+                for (a, k), want in zip(sub, ref):
+                    got = _leaves(model(*a, **k))
+                    moved += sum(float((g.double() - w.double()).pow(2).sum()) for (_, g), (_, w) in zip(got, want))
+            if hit[0]:
+                out[watch.key] = math.sqrt(moved / total) / eps
+    return out
 
 
 @dataclass

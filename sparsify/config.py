@@ -76,6 +76,10 @@ CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "allocate": (lambda v: v is None or _is_flag(v), "None (model-wide with calibration data), True or False"),
     "block_selection": (lambda v: v in ("saliency", "obs"), "'saliency' or 'obs' (how block_sparse chooses "
                                                              "blocks with calibration data)"),
+    "correct_bias": (_is_flag, "True or False (with calibration data, fit the weights to the inputs' centered "
+                               "moment and move the mean into the bias)"),
+    "sensitivity": (_is_flag, "True or False (with calibration data, weigh each layer's error in the allocation "
+                              "by how much it moves the model's output)"),
     "dense_if_larger": (_is_flag, "True or False (leave a layer dense when its converted form has more "
                                   "parameters than the dense layer)"),
 }
@@ -217,13 +221,16 @@ class SparsifyConfig:
         allocate: bool | None = None,
         dense_if_larger: bool = True,
         block_selection: str = "saliency",
+        correct_bias: bool = True,
+        sensitivity: bool = True,
         **params: Any,
     ) -> None:
         _check_method(method, "SparsifyConfig(method=...)")
         for field, value in (("min_size", min_size), ("strict", strict), ("fold_batchnorm", fold_batchnorm),
                              ("fuse_epilogues", fuse_epilogues), ("calibration_damping", calibration_damping),
                              ("sequential", sequential), ("warn_above", warn_above), ("allocate", allocate),
-                             ("dense_if_larger", dense_if_larger), ("block_selection", block_selection)):
+                             ("dense_if_larger", dense_if_larger), ("block_selection", block_selection),
+                             ("correct_bias", correct_bias), ("sensitivity", sensitivity)):
             _check_field(CONFIG_FIELDS, field, value, "SparsifyConfig")
         self.method = method
         if not isinstance(rules, (list, tuple)):
@@ -242,6 +249,8 @@ class SparsifyConfig:
         self.allocate = allocate
         self.dense_if_larger = dense_if_larger
         self.block_selection = block_selection
+        self.correct_bias = correct_bias
+        self.sensitivity = sensitivity
         for k, v in params.items():
             check_param(k, v, "SparsifyConfig")
         self._check_shadowed()
@@ -319,6 +328,8 @@ class SparsifyConfig:
             **({} if self.allocate is None else {"allocate": self.allocate}),  # TOML has no None: the default
             "dense_if_larger": self.dense_if_larger,
             "block_selection": self.block_selection,
+            "correct_bias": self.correct_bias,
+            "sensitivity": self.sensitivity,
             "rules": [r.to_dict() for r in self.rules],
         }
 

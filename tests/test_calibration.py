@@ -79,6 +79,43 @@ def test_block_refit_is_the_least_squares_optimum_for_its_mask(out_f, in_f, b, s
     assert rel_err(got, want) < 1e-8
 
 
+@settings(deadline=None)
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(["block_sparse", "low_rank"]))
+def test_bias_correction_is_the_joint_least_squares_optimum(seed, method):
+    """With the centered moment and b' = b + (W - W') mu, (W', b') minimizes the output error over the
+    new weights (on the mask / at the rank) and the bias together: a brute-force solve with a column
+    of ones gives the same outputs."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 24, generator=g, dtype=F64)
+    b = torch.randn(16, generator=g, dtype=F64)
+    x = _data(200, 24, seed) + 3.0 * torch.rand(24, generator=g, dtype=F64)  # inputs with a large mean
+    model = nn.Sequential(nn.Linear(24, 16, dtype=F64))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+        model[0].bias.copy_(b)
+    kw = dict(method="block_sparse", density=0.5, block_size=8) if method == "block_sparse" else \
+        dict(method="low_rank", rank=4)
+    conv = sparsify.sparsify(model, min_size=0, calibration_data=[x], calibration_damping=0.0, allocate=False,
+                             dense_if_larger=False, **kw)
+    y = model(x).detach()
+    got = conv(x).detach()
+    ones = torch.ones(len(x), 1, dtype=F64)
+    if method == "block_sparse":
+        em = conv[0].layout.element_mask().to(torch.bool)
+        best = torch.empty_like(y)
+        for i in range(16):
+            s_ = em[i].nonzero().flatten()
+            a = torch.cat([x[:, s_], ones], 1)
+            best[:, i] = a @ torch.linalg.lstsq(a, y[:, i:i + 1]).solution[:, 0]
+    else:
+        # the best rank-4 affine map: regress y on [x, 1] and truncate in the centered output norm
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        u, sv, vh = torch.linalg.svd(xc @ torch.linalg.lstsq(xc, yc).solution, full_matrices=False)
+        best = (u[:, :4] * sv[:4]) @ vh[:4] + y.mean(0)
+    assert rel_err(got, y) <= rel_err(best, y) + 1e-9
+    assert rel_err(got, best) < 1e-8
+
+
 def test_refit_never_worse_than_keeping_the_blocks():
     w = torch.randn(32, 48, dtype=F64)
     x = _data(400, 48, 1, corr=2.0)
@@ -115,7 +152,7 @@ def test_whitened_low_rank_layer_reaches_the_bound_end_to_end():
     lin = nn.Linear(64, 48).double()
     x = _data(512, 64, 3, corr=2.0)
     conv = sparsify.sparsify(nn.Sequential(lin), method="low_rank", rank=8, min_size=0,
-                             calibration_data=[x[:200], x[200:]], calibration_damping=0.0)
+                             calibration_data=[x[:200], x[200:]], calibration_damping=0.0, correct_bias=False)
     layer = conv[0]
     s, _ = cal.whitened_svd(lin.weight.detach(), (x.T @ x))
     y = lin(x)
@@ -152,7 +189,7 @@ def test_identity_calibration_equals_the_magnitude_path_end_to_end():
     x = _orthonormal_inputs(200, 96, 0)
     plain = sparsify.sparsify(model, density=0.5, block_size=16, min_size=0)
     calibrated = sparsify.sparsify(model, density=0.5, block_size=16, min_size=0, calibration_data=[x],
-                                   allocate=False)
+                                   allocate=False, correct_bias=False)
     a, b = plain[0], calibrated[0]
     assert torch.equal(a.layout.block_mask(), b.layout.block_mask())
     assert rel_err(b.values, a.values) < 1e-12
@@ -307,7 +344,8 @@ def test_sequential_calibration_sees_converted_inputs(sequential):
     model = Two()
     x = _data(300, 64, 5, corr=1.5)
     conv = sparsify.sparsify(model, method="block_sparse", density=0.5, block_size=16, min_size=0,
-                             calibration_data=[x[:100], x[100:]], allocate=False, sequential=sequential)
+                             calibration_data=[x[:100], x[100:]], allocate=False, sequential=sequential,
+                             correct_bias=False)
     # layer b's inputs: from the converted layer a (sequential) or the dense one
     with torch.no_grad():
         xb = torch.relu((conv.a if sequential else model.a)(x))
