@@ -40,6 +40,7 @@ so identity statistics reproduce the weight-only results exactly.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,8 +65,10 @@ __all__ = [
     "model_error",
     "output_error",
     "probe",
+    "read_batches",
     "refit_blocks",
     "refit_factors",
+    "save_batches",
     "select_blocks",
     "sensitivity",
     "weight_groups",
@@ -186,6 +189,137 @@ def as_batches(data: Any, where: str = "calibration_data") -> CalibrationData:
         for i, item in enumerate(data):
             _batch(item, i, where)
     return CalibrationData(data, where)
+
+
+# --------------------------------------------------------------------------- batch files
+#: A calibration file: safetensors whose tensors are named ``<batch>.<input>``: ``0.input_ids``,
+#: ``0.attention_mask``, ``1.input_ids``... (keyword inputs) or ``0.0``, ``0.1``... (positional).
+BATCH_FILE_MAX_BYTES = 2 << 30
+BATCH_FILE_MAX_TENSORS = 100_000
+_BATCH_KEY = r"(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,3}|[A-Za-z_][A-Za-z0-9_]{0,127})"
+_FILE_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_batches(path: str | os.PathLike) -> CalibrationData:
+    """Read calibration batches from a safetensors file (``sparsify convert --calibration FILE``).
+
+    Tensor names are ``<batch>.<input>``: batch numbers ``0, 1, ...`` without gaps; inputs either
+    all positional (``0``, ``1``, ... without gaps) or all keyword names (Python identifiers, passed
+    to the model's forward as keyword arguments).  Nothing in the file becomes code: safetensors has
+    no code path (no pickle), the header is parsed and checked here first (dtypes, shapes of at most
+    16 dimensions and 2**28 elements, offsets inside the file), names must match the pattern above,
+    and the file must be a regular file (no symlink, device or FIFO) of at most 2 GiB.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "calib.safetensors")
+        >>> save_batches(p, [{"input_ids": torch.ones(2, 5, dtype=torch.long)}])
+        >>> [sorted(k) for _, k in read_batches(p)]
+        [['input_ids']]
+    """
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    from . import files
+    from .errors import InputError
+
+    where = os.fspath(path)
+    if not os.path.lexists(where):
+        raise InputError(f"{where}: no such file (a calibration file: safetensors with '<batch>.<input>' tensors).")
+    folder, name = os.path.split(os.path.abspath(where))
+    data = files.read_regular(folder, name, max_bytes=BATCH_FILE_MAX_BYTES, what="calibration file")
+    if len(data) < 8:
+        raise InputError(f"{where}: not a safetensors file (too short). Write one with "
+                         "sparsify.calibration.save_batches(path, batches).")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8 or n > 100_000_000:
+        raise InputError(f"{where}: not a safetensors file (header length {n}).")
+    header = files.parse_json(data[8:8 + n], f"{where} (header)", max_depth=4)
+    if not isinstance(header, dict):
+        raise InputError(f"{where}: not a safetensors file (the header is not an object).")
+    header.pop("__metadata__", None)
+    if not header:
+        raise InputError(f"{where}: holds no tensors; a calibration file holds at least one batch.")
+    if len(header) > BATCH_FILE_MAX_TENSORS:
+        raise InputError(f"{where}: {len(header)} tensors, more than {BATCH_FILE_MAX_TENSORS}.")
+    body = len(data) - 8 - n
+    layout: dict[int, dict[str, str]] = {}
+    pattern = re.compile(_BATCH_KEY)
+    for key, h in header.items():
+        m = pattern.fullmatch(key) if isinstance(key, str) else None
+        if m is None:
+            raise InputError(f"{where}: tensor name {str(key)[:80]!r} is not '<batch>.<input>' (e.g. '0.input_ids' "
+                             "or '0.0' for the first positional input of batch 0).")
+        shape = h.get("shape") if isinstance(h, dict) else None
+        dtype = h.get("dtype") if isinstance(h, dict) else None
+        off = h.get("data_offsets") if isinstance(h, dict) else None
+        if dtype not in _FILE_DTYPES:
+            raise InputError(f"{where}: tensor {key!r} has dtype {str(dtype)[:20]!r}; expected one of "
+                             f"{', '.join(_FILE_DTYPES)}.")
+        if (not isinstance(shape, list) or len(shape) > 16
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)
+                or math.prod(shape) > 1 << 28):
+            raise InputError(f"{where}: tensor {key!r} has shape {str(shape)[:80]}; expected at most 16 dimensions "
+                             "and 2**28 elements.")
+        if (not isinstance(off, list) or len(off) != 2 or not all(isinstance(o, int) and not isinstance(o, bool)
+                                                                   for o in off)
+                or not 0 <= off[0] <= off[1] <= body or off[1] - off[0] != math.prod(shape) * _FILE_DTYPES[dtype]):
+            raise InputError(f"{where}: tensor {key!r} has invalid data offsets; the file is corrupted.")
+        layout.setdefault(int(m.group(1)), {})[m.group(2)] = key
+    if sorted(layout) != list(range(len(layout))):
+        raise InputError(f"{where}: batches must be numbered 0, 1, ... without gaps; found "
+                         f"{sorted(layout)[:10]}.")
+    for b, names in layout.items():
+        positional = [k for k in names if k.isdigit()]
+        if positional and len(positional) != len(names):
+            raise InputError(f"{where}: batch {b} mixes positional ('{b}.0') and keyword inputs; use one kind.")
+        if positional and sorted(int(k) for k in positional) != list(range(len(positional))):
+            raise InputError(f"{where}: batch {b}'s positional inputs must be numbered 0, 1, ... without gaps.")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{where}: not a readable safetensors file ({exc}).") from None
+    del data
+    batches: list = []
+    for b in range(len(layout)):
+        names = layout[b]
+        if all(k.isdigit() for k in names):
+            batches.append(tuple(tensors[names[str(i)]] for i in range(len(names))))
+        else:
+            batches.append({k: tensors[v] for k, v in names.items()})
+    return as_batches(batches, f"calibration file {where}")
+
+
+def save_batches(path: str | os.PathLike, batches: Any) -> None:
+    """Write calibration batches (as ``calibration_data=`` takes them) to a new safetensors file that
+    :func:`read_batches` reads; an existing file is never replaced.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "c.safetensors")
+        >>> save_batches(p, [torch.randn(4, 8), torch.randn(2, 8)])
+        >>> [tuple(a[0].shape) for a, _ in read_batches(p)]
+        [(4, 8), (2, 8)]
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save as st_save
+
+    from . import files
+
+    data = as_batches(batches, "save_batches(batches=...)")
+    out: dict[str, torch.Tensor] = {}
+    for i, (args, kwargs) in enumerate(data):
+        if args and kwargs:
+            raise ValueError(f"save_batches: batch {i} has both positional and keyword inputs; a file holds one kind.")
+        items = kwargs.items() if kwargs else ((str(j), a) for j, a in enumerate(args))
+        for k, v in items:
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"save_batches: batch {i} input {k!r} is a {type(v).__name__}; a file holds tensors.")
+            out[f"{i}.{k}"] = v.detach().cpu().contiguous()
+    files.write_new(Path(path), st_save(out))
 
 
 # ---------------------------------------------------------------------------- statistics

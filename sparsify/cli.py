@@ -372,8 +372,17 @@ def cmd_convert(args) -> int:
         raise InputError(f"{args.model} is already a converted sparsify artifact; convert the original model.")
     config = _config_from_args(args)
     if args.stream or args.distributed or (spec.weights and str(spec.weights).endswith(".json")):
+        if args.calibration:
+            raise InputError("--calibration runs the whole model on the batches; it does not combine with --stream / "
+                             "--distributed / a sharded --weights index (convert without them).")
         return _convert_streaming(args, spec, config)
-    inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
+    calib = None
+    if args.calibration:  # read and checked before any work (sparsify.calibration.read_batches)
+        from .calibration import read_batches
+
+        calib = read_batches(args.calibration)
+    inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else []) + \
+        ([Path(args.calibration)] if args.calibration else [])
     out = check_output_path(args.output, inputs_paths, force=args.force)
     if args.report:
         check_report_path(args.report, inputs_paths + [out], force=args.force)
@@ -394,7 +403,7 @@ def cmd_convert(args) -> int:
         warnings.simplefilter("ignore")
         total = sum(d.method != "dense" for d in _planned(model, config, None).decisions)
     with _progress(not args.no_progress and sys.stderr.isatty(), total, "converting") as step:
-        converted = sparsify(model, config, example_inputs=inputs, progress=step)
+        converted = sparsify(model, config, example_inputs=inputs, progress=step, calibration_data=calib)
     rep = __import__("sparsify").report(converted)
     print(rep)
     if not specs:
@@ -518,6 +527,13 @@ def cmd_verify(args) -> int:
 
     if not math.isfinite(args.tol) or args.tol < 0:
         raise InputError(f"--tol {args.tol}: expected a finite relative error >= 0 (e.g. 1e-4).")
+    if args.max_error is not None and (not math.isfinite(args.max_error) or args.max_error < 0):
+        raise InputError(f"--max-error {args.max_error}: expected a finite relative error >= 0 (e.g. 0.05).")
+    held = None
+    if args.data:  # read and checked before any work (sparsify.calibration.read_batches)
+        from .calibration import read_batches
+
+        held = read_batches(args.data)
     manifest = read_manifest(args.artifact)
     recorded = manifest.get("model") or {}
     if args.seed is None:
@@ -562,6 +578,36 @@ def cmd_verify(args) -> int:
               "measures a different model (use the same factory, --factory-args, --weights and --seed).")
     verdict = "yes" if ok else "NO"
     print(f"converted model equals its dense reference: {verdict} (max rel {worst:.3g}, tolerance {args.tol:g})")
+    # The number that says what conversion cost: the error against the original, per output.
+    if held is not None:
+        from .calibration import model_error
+
+        try:
+            against = model_error(original, converted, held)["outputs"]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"--data {args.data}: the models did not run on its batches ({type(exc).__name__}: "
+                             f"{str(exc)[:200]}).") from None
+        on = f"{held.describe()} from {args.data}"
+    else:
+        against = {}
+        for (name, c), (_, o) in zip(outs["converted"], outs["original"]):
+            if c.is_floating_point() and c.shape == o.shape:
+                num, den = float((c.double() - o.double()).norm()), float(o.double().norm())
+                against[name] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        on = f"random inputs {_describe_inputs(specs)} (pass --data FILE with held-out data for a real measure)"
+    if against:
+        name = max(against, key=against.get)
+        err = against[name]
+        print(f"==> error against the original: {err:.3g} (output {name!r}; relative ||converted - original|| / "
+              f"||original|| on {on})")
+        if args.max_error is not None:
+            if err > args.max_error:
+                times = f", {err / args.max_error:.3g}x the bound" if args.max_error > 0 else ""
+                print(f"==> ABOVE --max-error {args.max_error:g}: output {name!r} is {err:.3g} from the original"
+                      f"{times}")
+                ok = False
+            else:
+                print(f"==> within --max-error {args.max_error:g}")
     return EXIT_OK if ok else EXIT_MISMATCH
 
 
@@ -734,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing artifact at OUT (and a report sparsify wrote at --report)")
     p.add_argument("--report", metavar="FILE", help="also write a report (.html or .md)")
     p.add_argument("--no-export", action="store_true", help="do not store the inference program")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration batches (safetensors, tensors named '<batch>.<input>', see docs/accuracy.md): "
+                        "every layer is fitted to its outputs on them, and the report gives the output errors")
     p.add_argument("--stream", action="store_true",
                    help="convert one layer at a time from --weights (implied by a sharded *.index.json)")
     p.add_argument("--max-shard-size", default="512MB", metavar="SIZE",
@@ -747,6 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="OUT", help="a sparsify artifact folder")
     p.add_argument("--against", required=True, metavar="MODEL", help="the original model: " + models_help)
     p.add_argument("--tol", type=float, default=1e-4, help="max relative error vs the dense reference (1e-4)")
+    p.add_argument("--max-error", type=float, metavar="E",
+                   help="exit 3 when an output's relative error against the original (||c - o|| / ||o||) is above E")
+    p.add_argument("--data", metavar="FILE",
+                   help="measure the error against the original on these batches (a --calibration-style file; "
+                        "use held-out data) instead of one random batch")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", parents=[common, model, conv], help="dense vs converted latency",
