@@ -785,8 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "every layer is fitted to its outputs on them, and the report gives the output errors")
     p.add_argument("--stream", action="store_true",
                    help="convert one layer at a time from --weights (implied by a sharded *.index.json)")
-    p.add_argument("--max-shard-size", default="512MB", metavar="SIZE",
-                   help="streaming: largest weights shard of OUT, e.g. 512MB or 2GiB (512MB)")
+    p.add_argument("--max-shard-size", default="128MB", metavar="SIZE",
+                   help="streaming: largest weights shard of OUT, e.g. 128MB or 2GiB (128MB: the writer holds one)")
     p.add_argument("--distributed", action="store_true",
                    help="under torchrun: each process converts a share of the layers, rank 0 writes OUT")
     p.set_defaults(func=cmd_convert)

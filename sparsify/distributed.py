@@ -123,9 +123,10 @@ def check_layouts_replicated(model: nn.Module, group: dist.ProcessGroup | None =
 
 
 # ------------------------------------------------------------------ distributed conversion
-#: Relative cost of converting one weight element, by method (measured on the CPU at 512 x 512, one thread:
-#: block_sparse 0.02 s, tt 0.07 s, low_rank 0.13 s, tucker 0.4 s, cp 25 s), and of copying one through.
-METHOD_COST = {"block_sparse": 1.0, "tt": 4.0, "low_rank": 7.0, "tucker": 20.0, "cp": 1000.0}
+#: Relative cost of converting one weight byte, by method (a 1024 x 1024 Linear on the CPU, one thread,
+#: unloaded: block_sparse ~0.04 s, tt 0.3 s, low_rank 0.5 s, tucker at rank 0.25 0.75 s, cp at rank 64
+#: 2.4 s; CP grows quickly with the rank).  Only the balance between ranks depends on it, never the result.
+METHOD_COST = {"block_sparse": 1.0, "tt": 8.0, "low_rank": 12.0, "tucker": 20.0, "cp": 60.0}
 
 
 def unit_cost(unit: Any) -> float:
@@ -189,9 +190,10 @@ def _send_bytes(data: bytes, dst: int, group, tag: int, inflight: list) -> None:
         _isend(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst, group, tag, inflight)
 
 
-def _recv_bytes(src: int, group, tag: int) -> bytes:
-    n = torch.empty(1, dtype=torch.int64)
-    dist.recv(n, src=src, group=group, tag=tag)
+def _recv_bytes(src: int, group, tag: int, n: torch.Tensor | None = None) -> bytes:
+    if n is None:
+        n = torch.empty(1, dtype=torch.int64)
+        dist.recv(n, src=src, group=group, tag=tag)
     buf = torch.empty(int(n), dtype=torch.uint8)
     if int(n):
         dist.recv(buf, src=src, group=group, tag=tag)
@@ -237,10 +239,11 @@ def _send_result(res: Any, dst: int, group, tag: int) -> list:
     return inflight
 
 
-def _recv_result(src: int, group, tag: int, unit: Any) -> Any:
+def _recv_result(src: int, group, tag: int, unit: Any, length: torch.Tensor | None = None) -> Any:
+    """Receive ``unit``'s result from ``src`` (``length``: its header's length, if already received)."""
     from .streaming import UnitResult
 
-    header = json.loads(_recv_bytes(src, group, tag))
+    header = json.loads(_recv_bytes(src, group, tag, length))
     if header["index"] != unit.index:
         raise RuntimeError(f"distributed conversion: rank {src} sent unit {header['index']}, expected "
                            f"{unit.index} ({unit.name}); the ranks planned differently.")
@@ -267,11 +270,12 @@ def _plan_digest(sp: Any) -> torch.Tensor:
 
 
 def unit_results(sp: Any, reader: Any, group, *, on_convert: Callable[[Any], None] | None = None,
-                 ahead: int = 2) -> Callable[[Any], Any] | None:
+                 ahead: int = 4) -> Callable[[Any], Any] | None:
     """Split ``sp``'s units across the ranks of ``group``.
 
     On rank 0: returns ``result_of(unit)`` for :func:`sparsify.streaming.ordered_tensors`, which
-    converts rank 0's units and receives the others' in order.  On every other rank: converts
+    converts rank 0's units and receives the others' in order, converting up to ``ahead`` of its
+    own units ahead while another rank's is not in yet.  On every other rank: converts
     its units, sends each to rank 0 (converting up to ``ahead`` units before rank 0 takes them),
     and returns None when all are received.  Every rank must call it with the same plan (checked
     by digest first).
@@ -287,13 +291,30 @@ def unit_results(sp: Any, reader: Any, group, *, on_convert: Callable[[Any], Non
                          "or sparsify version per rank); run the same command on every rank.")
     owners = assign_units(sp.units, world, writer_share=sum(u.nbytes for u in sp.units) / max(1, world) * 0.05)
     if rank == 0:
+        mine_in_order = [u for u in sp.units if owners[u.index] == 0]
+        ready: dict[int, Any] = {}   # rank 0's own units, converted ahead while another rank's was not in
+        state = {"next": 0}          # position in mine_in_order of the next own unit not yet converted
+
+        def convert_own(unit):
+            if on_convert is not None:
+                on_convert(unit)
+            state["next"] += 1
+            return canonical(convert_unit(sp, unit, reader))
+
         def result_of(unit):
             src = owners[unit.index]
             if src == 0:
-                if on_convert is not None:
-                    on_convert(unit)
-                return canonical(convert_unit(sp, unit, reader))
-            return _recv_result(src, group, unit.index, unit)
+                hit = ready.pop(unit.index, None)
+                return hit if hit is not None else convert_own(unit)
+            # Wait for another rank's unit by converting rank 0's next own ones meanwhile (at most
+            # ``ahead`` of them held), so rank 0 is never idle while it could work.
+            length = torch.empty(1, dtype=torch.int64)
+            work = dist.irecv(length, src=src, group=group, tag=unit.index)
+            while not work.is_completed() and len(ready) < ahead and state["next"] < len(mine_in_order):
+                own = mine_in_order[state["next"]]
+                ready[own.index] = convert_own(own)
+            work.wait()
+            return _recv_result(src, group, unit.index, unit, length)
         return result_of
     pending: list[list] = []
     for unit in sp.units:
