@@ -456,6 +456,9 @@ def _convert_streaming(args, spec, config) -> int:
     except ValueError as exc:
         raise InputError(f"--max-shard-size {args.max_shard_size}: {exc}") from None
     distributed = args.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.distributed and not distributed:
+        print("note: --distributed outside torchrun (no WORLD_SIZE > 1): converting in this one process.",
+              file=sys.stderr)
     first = not distributed or int(os.environ.get("RANK", "0")) == 0
     inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
     if args.report and first:

@@ -403,10 +403,9 @@ def _layout_record(m: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def convert_unit(sp: StreamPlan, unit: Unit, reader: CheckpointReader | None) -> UnitResult:
+def convert_unit(sp: StreamPlan, unit: Unit, reader: CheckpointReader) -> UnitResult:
     """Materialize ``unit`` in the skeleton, run the pipeline on it alone, return what replaced it.
 
-    With ``reader=None`` the unit's tensors are already real (an in-memory model).
     Afterwards every tensor of the unit (the dense ones and the converted ones)
     is a meta tensor again, so the next unit starts from the same memory.
     """
@@ -416,24 +415,21 @@ def convert_unit(sp: StreamPlan, unit: Unit, reader: CheckpointReader | None) ->
     where = f"layer {unit.name!r}"
     placed: list[tuple[nn.Module, str]] = []
     gm = sp.capture.graph
-    if reader is not None:
-        state = root.state_dict(keep_vars=True)
-        for name in unit.tensors:
-            old = state[name]
-            t = read_tensor(reader, name, old, where)
-            placed.append(_place(root, name, t))
-            # The fx analysis graph holds its own references to the tensors its get_attr nodes read
-            # (a functional weight): the same object goes there too, as in the model it was traced from.
-            if gm is not None and gm is not root:
-                try:
-                    mod, attr = _owner(gm, name)
-                except AttributeError:
-                    continue
-                if getattr(mod, attr, None) is old:
-                    placed.append(_place(gm, name, getattr(*placed[-1])))
-        del state
-    else:
-        placed = [_owner(root, name) for name in unit.tensors]
+    state = root.state_dict(keep_vars=True)
+    for name in unit.tensors:
+        old = state[name]
+        t = read_tensor(reader, name, old, where)
+        placed.append(_place(root, name, t))
+        # The fx analysis graph holds its own references to the tensors its get_attr nodes read
+        # (a functional weight): the same object goes there too, as in the model it was traced from.
+        if gm is not None and gm is not root:
+            try:
+                mod, attr = _owner(gm, name)
+            except AttributeError:
+                continue
+            if getattr(mod, attr, None) is old:
+                placed.append(_place(gm, name, getattr(*placed[-1])))
+    del state
     before = set(root.state_dict(keep_vars=True).keys())
     ctx = PassContext(config=sp.config, example_inputs=sp.example_inputs, example_kwargs=sp.example_kwargs,
                       traced=sp.capture.traced, capture_note=sp.capture.note,
@@ -494,15 +490,14 @@ def final_decisions(sp: StreamPlan, results: dict[int, UnitResult]) -> list[Any]
     return [done.get((d.name, d.node), d) for d in sp.decisions]
 
 
-def ordered_tensors(sp: StreamPlan, reader: CheckpointReader | None, result_of: Callable[[Unit], UnitResult],
+def ordered_tensors(sp: StreamPlan, reader: CheckpointReader, result_of: Callable[[Unit], UnitResult],
                     on_unit: Callable[[Unit, UnitResult], None] | None = None,
                     on_tensor: Callable[[str, int], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the converted model, in state-dict order, one at a time.
 
     A unit's tensors come where its first tensor was (``result_of(unit)`` converts
-    it or receives it); every other tensor is read from ``reader`` (or taken from
-    the skeleton, when it is real).  Tied names (``sp.aliases``) are skipped: the
-    writer records them as aliases.
+    it or receives it); every other tensor is read from ``reader`` when its turn
+    comes.  Tied names (``sp.aliases``) are skipped: the writer records them as aliases.
     """
     owner = {k: u for u in sp.units for k in u.tensors}
     state = sp.skeleton.state_dict(keep_vars=True)
@@ -511,15 +506,9 @@ def ordered_tensors(sp: StreamPlan, reader: CheckpointReader | None, result_of: 
         if k in sp.aliases:
             continue
         unit = owner.get(k)
-        if unit is None:
-            like = state.get(k)
-            if like is None:  # removed by a unit's run in this process (a folded BatchNorm)
-                continue
-            if reader is None or not like.is_meta:
-                t = like.detach()
-            else:
-                name = k if k in reader else next((a for a, b in sp.aliases.items() if b == k and a in reader), k)
-                t = read_tensor(reader, name, like, f"tensor {k!r}")
+        if unit is None:  # copied through (a tied tensor may be stored under another of its names)
+            name = k if k in reader else next((a for a, b in sp.aliases.items() if b == k and a in reader), k)
+            t = read_tensor(reader, name, state[k], f"tensor {k!r}")
             if on_tensor is not None:
                 on_tensor(k, t.numel() * t.element_size())
             yield k, t
