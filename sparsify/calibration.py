@@ -31,7 +31,7 @@ running the attention once more with an identity ``out_proj``).  A converted lay
 a different tensor, so it is no longer watched.
 
 **Damping.**  Every solve uses ``H_l = H + l I`` with ``l = damping * mean(diag H)``
-(``calibration_damping=``, default 0.01).  Refitting with ``H_l`` minimizes
+(``calibration_damping=``, default 0.1).  Refitting with ``H_l`` minimizes
 ``||X (W' - W)^T||^2 + l ||W' - W||^2``: a ridge that pulls the new weights towards the
 original ones in the directions the calibration data leaves unexplored (not towards zero),
 so identity statistics reproduce the weight-only results exactly.
@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 #: Default relative ridge of every solve (see the module docstring).
-DEFAULT_DAMPING = 0.01
+DEFAULT_DAMPING = 0.1
 _ROWS_PER_CHUNK = 16384          # rows turned to float64 at a time
 _UNFOLD_ELEMENTS = 1 << 26       # im2col elements built at a time (256 MiB of float32)
 

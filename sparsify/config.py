@@ -68,7 +68,7 @@ CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "fuse_epilogues": (_is_flag, "True or False"),
     # calibration (issue 10; see docs/accuracy.md)
     "calibration_damping": (_is_nonneg, "a number >= 0 (the ridge l = damping * mean(diag H) of every "
-                                        "calibrated solve; 0.01 by default)"),
+                                        "calibrated solve; 0.1 by default)"),
     "sequential": (_is_flag, "True or False (calibrate each layer on the inputs the converted layers before "
                              "it produce)"),
     "warn_above": (_is_positive, "a number > 0 (warn when a layer's or the model's relative output error on the "
@@ -215,7 +215,7 @@ class SparsifyConfig:
         strict: bool = False,
         fold_batchnorm: bool = True,
         fuse_epilogues: bool = True,
-        calibration_damping: float = 0.01,
+        calibration_damping: float = 0.1,
         sequential: bool = True,
         warn_above: float = 0.1,
         allocate: bool | None = None,

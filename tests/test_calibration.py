@@ -349,7 +349,7 @@ def test_sequential_calibration_sees_converted_inputs(sequential):
     # layer b's inputs: from the converted layer a (sequential) or the dense one
     with torch.no_grad():
         xb = torch.relu((conv.a if sequential else model.a)(x))
-    hd, _ = cal.damped((xb.T @ xb)[None], 0.01)
+    hd, _ = cal.damped((xb.T @ xb)[None], cal.DEFAULT_DAMPING)
     w = model.b.weight.detach()
     mask = cal.select_blocks(w, hd[0], 0.5, 16).block_mask()
     want = cal.refit_blocks(w, hd[0], mask, 16)
@@ -358,7 +358,7 @@ def test_sequential_calibration_sees_converted_inputs(sequential):
     # the other mode would have given a different layer b
     with torch.no_grad():
         other = torch.relu((model.a if sequential else conv.a)(x))
-    hd2, _ = cal.damped((other.T @ other)[None], 0.01)
+    hd2, _ = cal.damped((other.T @ other)[None], cal.DEFAULT_DAMPING)
     assert rel_err(conv.b.to_dense(), cal.refit_blocks(w, hd2[0], mask, 16)) > 1e-6
 
 
