@@ -384,8 +384,8 @@ class KernelMap:
 
     ``in_idx[p]`` / ``out_idx[p]`` (:func:`index_dtype`) for ``p`` in ``k_offsets[k] .. k_offsets[k + 1]``
     are the pairs of offset ``k``.  ``identity_k`` is the offset whose pairs are exactly
-    ``(i, i)`` for every row (the centre of a same-map odd kernel), or -1: executors
-    run it as one dense product without gather or scatter."""
+    ``(i, i)`` for every row ``i = 0 .. n - 1`` in order (the centre of a same-map odd
+    kernel), or -1: executors run it as one dense product without gather or scatter."""
 
     in_idx: torch.Tensor
     out_idx: torch.Tensor
@@ -463,9 +463,11 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
             j = pos.get(tuple(-v for v in o))
             if j is not None and j < k:
                 mirror[k] = j
-    query = [k for k in range(len(shifts)) if k not in mirror]
+    query = [k for k in range(len(shifts)) if k not in mirror and k != identity_k]
     got_in: dict[int, torch.Tensor] = {}
     got_out: dict[int, torch.Tensor] = {}
+    if identity_k >= 0:  # every point pairs with itself, listed in row order
+        got_in[identity_k] = got_out[identity_k] = torch.arange(len(in_map), dtype=itype, device=dev)
     per = max(1, (1 << 24) // max(1, base.shape[0]))
     for c0 in range(0, len(query), per):
         ks = query[c0:c0 + per]
@@ -477,8 +479,6 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
         else:
             sh = torch.tensor([shifts[k] for k in ks], dtype=torch.int64, device=dev)
             rows = index.rows_of_inside_keys((base[None, :] + sh[:, None]).reshape(-1)).reshape(len(ks), -1)
-        if identity_k in ks:  # every point pairs with itself
-            rows[ks.index(identity_k)] = torch.arange(len(in_map), dtype=rows.dtype, device=dev)
         m = rows.shape[1]
         flat = torch.nonzero(rows.reshape(-1) >= 0).squeeze(1)  # ordered by offset, then by point
         kk = torch.div(flat, m, rounding_mode="floor")

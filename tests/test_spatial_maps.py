@@ -1,0 +1,90 @@
+"""The kernel maps the executors read.
+
+Properties:
+
+* every kernel map lists exactly the pairs ``out + offset == in`` (against a dictionary
+  lookup per point and offset), grouped by offset, with the identity offset of a same-map
+  kernel as ``(i, i)`` for ``i = 0 .. n - 1``, also above the size where the builder
+  queries in key order (4096 points);
+* max pooling with stride 1 on such a map equals dense max pooling (the user-visible
+  effect of a wrong identity pair);
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from sparsify.runtime.spatial import CoordinateManager, kernel_offsets
+
+import sparsify.spatial as ME
+
+
+def _coords(d: int, n: int, ext: int, batch: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, ext, (n, d), generator=g)
+    c = torch.cat([torch.randint(0, batch, (n, 1), generator=g), c], 1)
+    c = torch.unique(c, dim=0)
+    return c[torch.randperm(c.shape[0], generator=g)].to(torch.int32)
+
+
+def _reference_pairs(cin: torch.Tensor, cout: torch.Tensor, offsets: torch.Tensor) -> list[set]:
+    where = {tuple(r): i for i, r in enumerate(cin.tolist())}
+    out = []
+    for off in offsets.tolist():
+        pairs = set()
+        for o, r in enumerate(cout.tolist()):
+            i = where.get((r[0], *[a + b for a, b in zip(r[1:], off)]))
+            if i is not None:
+                pairs.add((i, o))
+        out.append(pairs)
+    return out
+
+
+def _check_map(km, cin, cout, offsets):
+    want = _reference_pairs(cin, cout, offsets)
+    assert km.volume == len(want)
+    for k, pairs in enumerate(want):
+        a, b = km.k_offsets[k], km.k_offsets[k + 1]
+        got = list(zip(km.in_idx[a:b].tolist(), km.out_idx[a:b].tolist()))
+        assert len(got) == len(set(got)) and set(got) == pairs, f"offset {k}"
+    if km.identity_k >= 0:
+        a, b = km.k_offsets[km.identity_k], km.k_offsets[km.identity_k + 1]
+        rows = torch.arange(km.n_in)
+        assert torch.equal(km.in_idx[a:b], rows) and torch.equal(km.out_idx[a:b], rows)
+
+
+@given(st.integers(1, 3), st.integers(1, 300), st.sampled_from([2, 3]), st.sampled_from([1, 2]),
+       st.integers(0, 2**31 - 1))
+def test_kernel_maps_list_exactly_the_neighbour_pairs(d, n, ks, stride, seed):
+    c = _coords(d, n, {1: 40, 2: 12, 3: 6}[d], 2, seed)
+    cm = CoordinateManager(D=d)
+    key, _ = cm.insert_and_map(c, 1)
+    out_key = cm.stride(key, stride)
+    km = cm.kernel_map(key, out_key, ks, stride)
+    _check_map(km, c, cm.get_coordinates(out_key), kernel_offsets("hypercube", (ks,) * d, (1,) * d, (1,) * d))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_maps_above_the_key_order_threshold(seed):
+    # 6000 points: the builder sorts its queries by key (> 4096) and still lists the
+    # identity offset as (i, i) in row order
+    c = _coords(2, 9000, 110, 1, seed)
+    assert c.shape[0] > 4096
+    cm = CoordinateManager(D=2)
+    key, _ = cm.insert_and_map(c, 1)
+    km = cm.kernel_map(key, key, 3)
+    assert km.identity_k == 4
+    _check_map(km, c, c, kernel_offsets("hypercube", (3, 3), (1, 1), (1, 1)))
+
+
+def test_max_pooling_stride_one_on_a_large_map_equals_dense():
+    c = _coords(2, 9000, 110, 1, 3)
+    feats = torch.randn(c.shape[0], 2, dtype=torch.float64)
+    y = ME.MinkowskiMaxPooling(kernel_size=3, stride=1, dimension=2)(ME.SparseTensor(feats, c))
+    grid = torch.full((1, 2, 110, 110), -torch.inf, dtype=torch.float64)
+    grid[0, :, c[:, 1].long(), c[:, 2].long()] = feats.T
+    dense = F.max_pool2d(grid, 3, stride=1, padding=1)
+    assert torch.equal(y.F, dense[0, :, c[:, 1].long(), c[:, 2].long()].T)
