@@ -163,8 +163,29 @@ def spconv_modules():
 
 def spconv_input(spc, coords, feats):
     bc = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
-    shape = (coords.max(0).values + 1).tolist()
+    # spconv's strided layers only produce outputs inside the spatial shape:
+    # (shape - kernel) // stride + 1 sites per axis.  With an odd extent the last slice of
+    # voxels has no output site and is dropped; in these scenes that slice is a whole wall
+    # (x or y = room side), 21% of the voxels at 100k.  Round the shape up to a multiple of 4
+    # (the U-Net's two stride-2 levels) so every voxel is kept, as in MinkowskiEngine and
+    # ours (unbounded coordinates): both sides then do the same work.
+    shape = ((coords.max(0).values + 1 + 3) // 4 * 4).tolist()
     return spc.SparseConvTensor(feats, bc, shape, 1)
+
+
+def unet_sites(net_o, net_s, spc, coords, feats) -> list[int]:
+    """Active sites at strides 1, 2, 4 in both U-Nets (raises if they differ)."""
+    with torch.no_grad():
+        x = ours_input(coords, feats)
+        net_o(x)
+        cm = x.coordinate_manager
+        ours = [cm.size(ME.CoordinateMapKey((s, s, s))) for s in (1, 2, 4)]
+        theirs = [len(coords)] + [
+            int(v.out_indices.shape[0]) for k, v in net_s(spconv_input(spc, coords, feats)).indice_dict.items()
+            if k in ("d1", "d2")]
+    if ours != theirs:
+        raise RuntimeError(f"the two U-Nets compute on different sites: ours {ours}, spconv {theirs}")
+    return ours
 
 
 # ----------------------------------------------------------------------------- timing
@@ -280,6 +301,8 @@ def main(argv=None) -> dict:
         if n <= args.unet_max:
             f4 = torch.randn(len(coords), 4)
             net_o, net_s = OursUNet().train(), SpUNet().train()
+            # both networks must compute on the same sites at every level before they are timed
+            sites = unet_sites(net_o, net_s, spc, coords, f4)
             systems = {
                 "ours": (lambda f, m=net_o, c=coords: m(ours_input(c, f)).F, f4, list(net_o.parameters())),
                 "spconv": (lambda f, m=net_s, c=coords: m(spconv_input(spc, c, f)).features, f4,
@@ -288,7 +311,7 @@ def main(argv=None) -> dict:
             for backward in (False, True):
                 res = measure(systems, rounds, backward)
                 row = {"workload": "MinkUNet-style", "pass": "fwd+bwd" if backward else "fwd", "voxels": len(coords),
-                       "grid": extent, "occupancy": occupancy, **res,
+                       "grid": extent, "occupancy": occupancy, "sites_per_level": sites, **res,
                        "ratio_ours_spconv": res["ours"]["median_ms"] / res["spconv"]["median_ms"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -411,6 +411,57 @@ class KernelMap:
                          self.n_in, self.n_out, self.identity_k)
 
 
+def pair_bags(rows: torch.Tensor, k_offsets: Sequence[int], n: int,
+              identity_k: int = -1) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The pairs of a kernel map grouped by the row they reduce into: ``(order, ptr)`` (int32),
+    the positions (into the offset-grouped pair list) of the pairs of row ``r`` being
+    ``order[ptr[r]:ptr[r + 1]]``, the identity offset's pair first, then by ascending offset.
+
+    ``rows`` is ``out_idx`` (forward: the rows ``y`` sums into) or ``in_idx`` (input gradient),
+    with ``n`` rows on that side.  This is the order the reference gather-GEMM-scatter adds
+    the products in (the identity product starts the sum, then offset by offset), so a
+    segmented sum in this order reproduces it exactly.  Needs each row at most once per
+    offset (true of every convolution map); otherwise returns None.  The result is
+    cached on ``rows`` (kernel maps are immutable; the cache is checked against the tensor's
+    version counter), so every layer and backward pass over one map builds it once.
+
+    Example:
+        >>> order, ptr = pair_bags(torch.tensor([1, 0, 1, 2]), (0, 1, 4), 3)
+        >>> order.tolist(), ptr.tolist()
+        ([1, 0, 2, 3], [0, 1, 3, 4])
+    """
+    sig = (rows._version, rows.shape[0], tuple(int(v) for v in k_offsets), int(n), int(identity_k))
+    hit = getattr(rows, "_sparsify_bags", None)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    k_vol = len(k_offsets) - 1
+    pairs = int(k_offsets[-1])
+    dev = rows.device
+    if pairs >= 2**31:
+        return None  # beyond the int32 positions a segmented sum takes
+    # A counting sort by row, offset by offset in bag order: each offset's pairs take the
+    # next free slot of their rows (a row occurs at most once per offset).
+    ptr = torch.zeros(n + 1, dtype=torch.int32, device=dev)
+    if pairs:
+        torch.cumsum(torch.bincount(rows, minlength=n), 0, out=ptr[1:])
+    cursor = ptr[:-1].clone()
+    order = torch.empty(pairs, dtype=torch.int32, device=dev)
+    positions = torch.arange(pairs, dtype=torch.int32, device=dev)
+    for k in ([identity_k] if 0 <= identity_k < k_vol else []) + [k for k in range(k_vol) if k != identity_k]:
+        a, b = int(k_offsets[k]), int(k_offsets[k + 1])
+        if b == a:
+            continue
+        r = rows[a:b]
+        slot = cursor.index_select(0, r)
+        order.scatter_(0, slot.to(torch.int64), positions[a:b])
+        cursor.scatter_(0, r.to(torch.int64), slot.add_(1))
+    out = (order, ptr)
+    if pairs and not bool(torch.equal(cursor, ptr[1:])):
+        out = None  # a row twice in one offset (a pooling map): no such grouping
+    rows._sparsify_bags = (sig, out)
+    return out
+
+
 def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: torch.Tensor) -> KernelMap:
     """Pairs ``(i, o)`` with ``out_map[o] + offsets[k] == in_map[i]``, grouped by offset.
 
