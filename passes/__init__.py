@@ -10,7 +10,7 @@
                         order from the statistics of the inputs it gets (saliency +
                         least-squares refit, whitened SVD, factors refit to the outputs)
     block_sparsify_layers  block_sparse on Conv1d / Conv2d and nn.LSTM, and the from-scratch
-                        patterns (pattern=..., init='fresh') on Linear
+                        patterns (layout=..., init='fresh') on Linear
     block_sparsify      Linear / F.linear -> BlockSparseLinear
     factorize_low_rank  Linear / F.linear -> LowRankLinear
     factorize_cp        Linear / Conv1d / Conv2d -> CPLinear / CPConv

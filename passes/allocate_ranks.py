@@ -462,7 +462,7 @@ def linear_block_sparse(d) -> bool:
     conversions calibration and allocation serve; convs, LSTMs and from-scratch patterns are
     ``block_sparsify_layers``')."""
     return (d.method == "block_sparse" and d.layer_type not in ("Conv1d", "Conv2d", "LSTM")
-            and d.params.get("pattern", "magnitude") == "magnitude" and d.params.get("init", "copy") == "copy")
+            and d.params.get("layout", "magnitude") == "magnitude" and d.params.get("init", "copy") == "copy")
 
 
 def _allocate_blocks(module: nn.Module, ctx: PassContext, sites: dict, plan) -> None:

@@ -6,9 +6,9 @@ Carries out the ``block_sparse`` decisions of
   all taps; ``groups != 1`` stays dense, with the reason);
 * nn.LSTM -> BlockSparseLSTM (every input and recurrent weight; ``proj_size`` or a
   hidden size that is not a multiple of the block size stays dense, with the reason);
-* Linear sites whose ``pattern`` is not ``'magnitude'`` or whose ``init`` is ``'fresh'``.
+* Linear sites whose ``layout`` is not ``'magnitude'`` or whose ``init`` is ``'fresh'``.
 
-``pattern``: ``'magnitude'`` keeps the largest blocks of the trained weight; ``'random'``,
+``layout``: ``'magnitude'`` keeps the largest blocks of the trained weight; ``'random'``,
 ``'small_world'``, ``'scale_free'`` draw a pattern (``sparsify.patterns``) with a seed
 derived from ``seed`` and the layer's name, so every layer gets its own pattern and a run
 repeats.  ``init``: ``'copy'`` keeps the trained weights' values in the kept blocks,
@@ -50,7 +50,7 @@ def layer_seed(seed: int, name: str) -> int:
 def _ours(d) -> bool:
     if d.method != "block_sparse" or "module" in d.result:
         return False
-    return (d.layer_type in ("Conv1d", "Conv2d", "LSTM") or d.params.get("pattern", "magnitude") != "magnitude"
+    return (d.layer_type in ("Conv1d", "Conv2d", "LSTM") or d.params.get("layout", "magnitude") != "magnitude"
             or d.params.get("init", "copy") != "copy")
 
 
@@ -69,7 +69,7 @@ def _refusal(site: LayerSite, params: dict) -> str | None:
 
 
 def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
-    pattern, init = params.get("pattern", "magnitude"), params.get("init", "copy")
+    pattern, init = params.get("layout", "magnitude"), params.get("init", "copy")
     b, density = params["block_size"], params["density"]
     seed = layer_seed(params.get("seed", 0), site.name)
     m = site.module
@@ -86,7 +86,7 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
         hh = new.weight_hh_l0.layout
         return new, {"density": hh.density, "block_size": b, "nnz_blocks": sum(w.layout.nnz for w in
                                                                              new.sparse_weights()),
-                     "pattern": pattern, "init": init, "dense_params": sum(p.numel() for p in m.parameters())}
+                     "layout": pattern, "init": init, "dense_params": sum(p.numel() for p in m.parameters())}
     if site.layer_type in ("Conv1d", "Conv2d"):
         cls = BlockSparseConv2d if site.layer_type == "Conv2d" else BlockSparseConv1d
         weight = m.weight.detach()
@@ -100,7 +100,7 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
         new = BlockSparseLinear.from_weight(w, None if site.bias is None else site.bias.detach(), layout)
     if init == "fresh":
         new.reset_parameters()
-    return new, {"density": layout.density, "block_size": b, "nnz_blocks": layout.nnz, "pattern": pattern,
+    return new, {"density": layout.density, "block_size": b, "nnz_blocks": layout.nnz, "layout": pattern,
                  "init": init}
 
 

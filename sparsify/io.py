@@ -562,8 +562,8 @@ def _replay_params(d: dict[str, Any]) -> dict[str, Any]:
                          "sparsify does not know. Upgrade sparsify.")
     from .config import RULE_FIELDS
 
-    # A parameter named like a Rule field (block_sparse's ``pattern``) cannot go through Rule(...);
-    # the replay takes the block pattern from the saved state_dict anyway.
+    # A parameter named like a Rule field cannot go through Rule(...) (none is today: block_sparse's
+    # from-scratch option is ``layout``, not ``pattern``); the block pattern comes from the state_dict.
     params = {k: v for k, v in (d.get("params") or {}).items() if k in spec.defaults and k not in RULE_FIELDS}
     res = d.get("result") or {}
     r = res.get("rank", res.get("ranks"))

@@ -94,12 +94,13 @@ def _forward(v: Any) -> None:
         raise ValueError(f"expected 'auto', 'factorized' or 'reconstructed'; got {v!r}")
 
 
-def _pattern(v: Any) -> None:
+def _layout(v: Any) -> None:
     from .patterns import PATTERNS
 
     if v not in PATTERNS:
         raise ValueError(f"expected one of {', '.join(map(repr, PATTERNS))}; got {v!r}. 'magnitude' keeps the "
-                         "largest trained blocks; the others draw a pattern for training from scratch")
+                         "largest trained blocks; the others draw a pattern for training from scratch. (The option is "
+                         "layout=; a rule's pattern= is the glob over layer names)")
 
 
 def _init(v: Any) -> None:
@@ -127,7 +128,7 @@ PARAM_VALIDATORS: dict[str, Callable[[Any], None]] = {
     "rank_multiple": _rank_multiple,
     "forward": _forward,
     # training from scratch (issue #12): see sparsify/patterns.py and docs/training.md
-    "pattern": _pattern,
+    "layout": _layout,
     "init": _init,
     "seed": _seed,
 }
@@ -138,7 +139,9 @@ def validate_param(name: str, value: Any, where: str) -> None:
     check = PARAM_VALIDATORS.get(name)
     if check is None:
         known = ", ".join(sorted(PARAM_VALIDATORS))
-        raise ValueError(f"{where}: unknown option {name!r}. Known options: {known}.")
+        hint = (" A block pattern to train from scratch is layout= ('small_world', ...); a rule's pattern is "
+                "the glob over layer names.") if name == "pattern" else ""
+        raise ValueError(f"{where}: unknown option {name!r}. Known options: {known}.{hint}")
     try:
         check(value)
     except ValueError as exc:
@@ -176,8 +179,8 @@ def _resolve_block_sparse(params: dict[str, Any]) -> dict[str, Any]:
     """The options of training from scratch appear only when they differ from conversion's defaults,
     so a plain conversion's parameters (report, saved decisions) read as before."""
     out = dict(params)
-    if out.get("pattern") == "magnitude":
-        out.pop("pattern")
+    if out.get("layout") == "magnitude":
+        out.pop("layout")
         out.pop("seed", None)  # only a drawn pattern uses the seed
     if out.get("init") == "copy":
         out.pop("init")
@@ -186,11 +189,11 @@ def _resolve_block_sparse(params: dict[str, Any]) -> dict[str, Any]:
 
 register_method(MethodSpec(
     name="block_sparse",
-    defaults={"density": 0.25, "block_size": 32, "pattern": "magnitude", "init": "copy", "seed": 0},
+    defaults={"density": 0.25, "block_size": 32, "layout": "magnitude", "init": "copy", "seed": 0},
     layer_types=("Linear", "Conv1d", "Conv2d", "LSTM"),
     resolve=_resolve_block_sparse,
-    description="keep the largest-norm blocks of the weight (pattern='magnitude', init='copy'), or draw a "
-                "random / small-world / scale-free block pattern (pattern=..., seed=...) and initialize it "
+    description="keep the largest-norm blocks of the weight (layout='magnitude', init='copy'), or draw a "
+                "random / small-world / scale-free block pattern (layout=..., seed=...) and initialize it "
                 "for training from scratch (init='fresh'); Linear, Conv1d / Conv2d (channel blocks), nn.LSTM",
 ))
 #: Parameters every factorization takes beyond ``rank`` / ``tolerance`` (issue #3).

@@ -22,7 +22,9 @@ def _setting(d: dict) -> str:
     res, params = d.get("result") or {}, d.get("params") or {}
     if d["method"] == "block_sparse":
         dens = res.get("density", params.get("density"))
-        return f"density={dens:.3g} b={res.get('block_size', params.get('block_size'))}"
+        s = f"density={dens:.3g} b={res.get('block_size', params.get('block_size'))}"
+        lay = res.get("layout", params.get("layout", "magnitude"))
+        return s if lay == "magnitude" else f"{s} {lay}" + (" fresh" if res.get("init", params.get("init")) == "fresh" else "")
     if "rank" in res:
         r = res["rank"]
         s = f"rank={r}" if not isinstance(r, (list, tuple)) else f"ranks={tuple(r)}"

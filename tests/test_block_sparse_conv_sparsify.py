@@ -1,4 +1,4 @@
-"""sparsify(method="block_sparse") on convolutions, LSTMs and from-scratch patterns (pattern=, init=, seed=).
+"""sparsify(method="block_sparse") on convolutions, LSTMs and from-scratch patterns (layout=, init=, seed=).
 
 Properties: convs and LSTMs are rewritten and the result equals its densify; a
 from-scratch conversion uses exactly the pattern ``sparsify.patterns`` draws for
@@ -61,9 +61,9 @@ def test_convs_and_lstm_are_rewritten_and_equal_their_densify():
 def test_from_scratch_patterns_are_the_seeded_ones_and_fresh():
     torch.manual_seed(0)
     model = Net()
-    a, x = _convert(model, pattern="small_world", init="fresh", seed=7)
-    b, _ = _convert(model, pattern="small_world", init="fresh", seed=7)
-    c, _ = _convert(model, pattern="small_world", init="fresh", seed=8)
+    a, x = _convert(model, layout="small_world", init="fresh", seed=7)
+    b, _ = _convert(model, layout="small_world", init="fresh", seed=7)
+    c, _ = _convert(model, layout="small_world", init="fresh", seed=8)
     assert a.fc.layout == small_world_layout((256, 128), 16, 0.25, seed=layer_seed(7, "fc"))
     assert a.conv.layout == small_world_layout((64, 32), 16, 0.25, seed=layer_seed(7, "conv"))
     assert a.fc.layout == b.fc.layout and a.lstm.weight_hh_l1.layout == b.lstm.weight_hh_l1.layout
@@ -100,7 +100,7 @@ def test_what_the_layers_cannot_take_stays_dense_with_the_reason():
     assert rows["h"].method == "dense" and "not a multiple of block_size=16" in rows["h"].reason
 
 
-@pytest.mark.parametrize("kw,match", [(dict(pattern="smallworld"), "invalid pattern"),
+@pytest.mark.parametrize("kw,match", [(dict(layout="smallworld"), "invalid layout"),
                                       (dict(init="zeros"), "invalid init"), (dict(seed=1.5), "invalid seed")])
 def test_bad_options_are_refused_first(kw, match):
     model = Net()
