@@ -219,8 +219,9 @@ def _rev(table: dict[str, Any], value: Any, what: str) -> str:
 
 # -------------------------------------------------------------------- export
 def _treespec_children(spec: Any) -> list[Any]:
-    ch = getattr(spec, "children_specs", None)
-    return list(ch) if ch is not None else list(spec.children())
+    if callable(getattr(spec, "children", None)):  # torch >= 2.13; children_specs is deprecated there
+        return list(spec.children())
+    return list(spec.children_specs)
 
 
 def _is_leaf(spec: Any) -> bool:
