@@ -141,6 +141,10 @@ def _low_rank_plan(d, site: LayerSite, st: InputStats, damping: float, cfg) -> A
                      f"is above break-even rank {even}: {r * (in_f + out_f)} parameters > the dense {in_f * out_f}")
         d.params = {}
         return None
+    asked = d.params.get("rank")
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > r:
+        d.reason += (f"; rank={asked} asked; a {out_f}x{in_f} weight has rank at most {min(out_f, in_f)}, "
+                     f"so rank {r} was used")
     d.params = {**d.params, "rank": int(r), "tolerance": None}
     return res
 

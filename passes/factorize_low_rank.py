@@ -32,6 +32,16 @@ def whitened_rank(w: torch.Tensor, stats: InputStats, params: dict, damping: flo
     return r, s, factors
 
 
+def _clamp_note(w: torch.Tensor, params: dict, produced: dict) -> dict:
+    """Say so when an integer rank above the weight's full rank was asked (it is capped at
+    ``min(out, in)``; the layer is then larger than dense unless ``dense_if_larger`` kept it dense)."""
+    asked = params.get("rank")
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > produced["rank"]:
+        produced["note"] = (f"rank={asked} asked; a {w.shape[0]}x{w.shape[1]} weight has rank at most "
+                            f"{min(w.shape)}, so rank {produced['rank']} was used")
+    return produced
+
+
 def convert(site: LayerSite, params: dict, stats: InputStats | None = None,
             damping: float = DEFAULT_DAMPING, whitened=None, correct_bias: bool = True) -> tuple[nn.Module, dict]:
     """The low-rank layer for ``site`` (see the module docstring) and what it produced;
@@ -40,7 +50,7 @@ def convert(site: LayerSite, params: dict, stats: InputStats | None = None,
     w = site.weight.detach()
     if stats is None:
         new = LowRankLinear.from_weight(w, bias, rank=params.get("rank"), tolerance=params.get("tolerance"))
-        return new, {"rank": new.rank, "relative_error": new.truncation_error}
+        return new, _clamp_note(w, params, {"rank": new.rank, "relative_error": new.truncation_error})
     center = correct_bias and bias is not None
     r, s, factors = whitened if whitened is not None else whitened_rank(w, stats, params, damping, center)
     a, b = factors(r)
@@ -57,10 +67,10 @@ def convert(site: LayerSite, params: dict, stats: InputStats | None = None,
     new.truncation_error = float(torch.linalg.norm(w64 - rec) / torch.linalg.norm(w64).clamp_min(1e-300))
     bound = float(s[r:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-300))
     err = output_error(w64[None], rec[None], site.bias, stats, bias_new=bias if center else None)
-    return new, {"rank": r, "relative_error": new.truncation_error, "output_error": err,
+    return new, _clamp_note(w, params, {"rank": r, "relative_error": new.truncation_error, "output_error": err,
                  "calibration": (f"whitened SVD (Cholesky of the {'centered ' if center else ''}input moment, "
                                  f"damping {damping:g}{'; bias corrected for the mean input' if center else ''}); "
-                                 f"relative whitened truncation error {bound:.3g}, output error {err:.3g}")}
+                                 f"relative whitened truncation error {bound:.3g}, output error {err:.3g}")})
 
 
 def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:

@@ -59,6 +59,9 @@ def carry_out(
         new, produced = convert(site, d.params)
         new.train(training)
         d.result.update(produced)
+        note = d.result.pop("note", None)  # what the conversion changed of what was asked
+        if note:
+            d.reason += f"; {note}"
         d.result["module"] = install_module(module, site, new)
         d.params_after = param_count(new) + site.kept_bias
         d.bytes_after = weight_bytes(new) + site.kept_bias * site.weight.element_size()

@@ -475,6 +475,17 @@ def test_full_rank_stays_dense_with_the_reason():
     assert forced._sparsify_plan.decisions[0].result["rank"] == 100  # not clamped
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_a_rank_above_full_rank_is_capped_with_a_note(calibrated):
+    model = nn.Sequential(nn.Linear(96, 64))
+    data = dict(calibration_data=[torch.randn(80, 96)]) if calibrated else {}
+    conv = sparsify.sparsify(model, method="low_rank", rank=100000, min_size=0, dense_if_larger=False, **data)
+    d = conv._sparsify_plan.decisions[0]
+    assert d.method == "low_rank" and d.result["rank"] == 64
+    assert "rank=100000 asked; a 64x96 weight has rank at most 64, so rank 64 was used" in d.reason
+    assert "rank=100000 asked" in str(sparsify.report(conv))
+
+
 def test_padded_blocks_larger_than_dense_stay_dense():
     model = nn.Sequential(nn.Linear(130, 130))  # 5x5 blocks of 32: 160x160 padded
     conv = sparsify.sparsify(model, density=0.8, block_size=32, min_size=0)
