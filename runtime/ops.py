@@ -115,12 +115,15 @@ def bsmm_eager(
     """``bsmm``'s forward called on the executor directly, for eager no-grad calls.
 
     The dispatcher and the custom-op wrapper cost ~30 us a call, a tenth of a
-    whole decode-size product at high sparsity, and the op must return a
-    contiguous result where the executor's natural one may be a transposed
-    view.  Modules call this when nothing needs the op (no autograd, no
-    tracing, compiling or tensor subclasses; see ``eager_inference``).
+    whole decode-size product at high sparsity.  Modules call this when nothing
+    needs the op (no autograd, no tracing, compiling or tensor subclasses; see
+    ``eager_inference``).  The result is contiguous, like ``nn.Linear``'s: the
+    executor's natural one may be a transposed view, on which the caller's
+    ``y.view(...)`` raises and ``scaled_dot_product_attention`` leaves its fused
+    kernel for the slow math path (a whole GPT-2 ran 5% slower for it).
     """
-    return _forward(x, values, meta, bias, residual, out_features, in_features, activation, None, static_weight)
+    y = _forward(x, values, meta, bias, residual, out_features, in_features, activation, None, static_weight)
+    return y if y.is_contiguous() else y.contiguous()
 
 
 def _forward(x, values, meta, bias, residual, out_features, in_features, activation, out_dtype, static_weight):
