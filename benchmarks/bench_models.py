@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = _load()
     dense = build()
     ids = torch.randint(0, CONFIG["vocab_size"], (1, 128))
     models = {}
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
                          "vs_dense": round(med / base, 3), "params": params[name],
                          "conversion_s": conversion_s[name]})
     info = _machine()
+    info["load_start"] = load_start
     info["load"] = _load()
     out = {"benchmark": "whole-model CPU inference, GPT-2-small-sized (hidden 768, 12 heads, 4 layers)",
            "config": CONFIG, "rounds": args.rounds, "machine": info, "rows": rows}
