@@ -252,7 +252,12 @@ class CPUExecutor:
         nbc = -(-k // b)
         path = choose_path(m, _density(meta, nbr, nbc), x.dtype)
         if path == "dense":
-            y = x @ dense_weight(values, meta, (out_features, k), static_weight).T
+            wt = dense_weight(values, meta, (out_features, k), static_weight).T
+            if bias is not None and bias.dtype == x.dtype:
+                # one pass over the output, as nn.Linear's addmm (a separate add re-reads it)
+                y, bias = torch.addmm(bias, x, wt), None
+            else:
+                y = x @ wt
         elif path == "bsr":
             w = None
             if _cacheable(values, static_weight):
