@@ -8,6 +8,8 @@ Properties:
   queries in key order (4096 points);
 * max pooling with stride 1 on such a map equals dense max pooling (the user-visible
   effect of a wrong identity pair);
+* the table-based unique (``CoordinateIndex.build_unique``: no sort) equals the sort-based
+  ``unique_coordinates``, and the index it leaves behind equals a fresh one and a dictionary;
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from sparsify.runtime.spatial import CoordinateManager, kernel_offsets
+from sparsify.runtime.spatial import coords as coords_mod
+from sparsify.runtime.spatial.coords import CoordinateIndex, CoordinateMap, unique_coordinates
 
 import sparsify.spatial as ME
 
@@ -68,9 +72,10 @@ def test_kernel_maps_list_exactly_the_neighbour_pairs(d, n, ks, stride, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_kernel_maps_above_the_key_order_threshold(seed):
-    # 6000 points: the builder sorts its queries by key (> 4096) and still lists the
-    # identity offset as (i, i) in row order
+def test_kernel_maps_above_the_key_order_threshold(seed, monkeypatch):
+    # ~6000 points above a lowered threshold: the builder sorts its queries by key and still
+    # lists the identity offset as (i, i) in row order
+    monkeypatch.setattr(coords_mod, "_KEY_ORDER_MIN", 4096)
     c = _coords(2, 9000, 110, 1, seed)
     assert c.shape[0] > 4096
     cm = CoordinateManager(D=2)
@@ -88,3 +93,31 @@ def test_max_pooling_stride_one_on_a_large_map_equals_dense():
     grid[0, :, c[:, 1].long(), c[:, 2].long()] = feats.T
     dense = F.max_pool2d(grid, 3, stride=1, padding=1)
     assert torch.equal(y.F, dense[0, :, c[:, 1].long(), c[:, 2].long()].T)
+
+
+@given(st.integers(1, 3), st.integers(12, 300), st.sampled_from([1, 2]), st.integers(0, 2**31 - 1))
+def test_unique_with_index_equals_the_sorted_unique_and_a_fresh_index(d, n, stride, seed):
+    # repeated coordinates (a small box), on the tensor-stride lattice: the table-based unique
+    # gives the sort-based one's rows and inverse, and its index finds every coordinate of the
+    # padded box exactly as an index built from the unique rows does
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(-3, 4, (n, d + 1), generator=g).to(torch.int32)
+    c[:, 0] = c[:, 0].abs() % 2
+    c[:, 1:] *= stride
+    ts = (stride,) * d
+    uniq, inv, index = CoordinateIndex.build_unique(c, ts, ts)
+    want_u, want_inv = unique_coordinates(c)
+    assert torch.equal(uniq, want_u) and torch.equal(inv, want_inv)
+    # at least 12 points in a padded box of at most 2 * 11^3 cells: dense enough for a table
+    assert index is not None and index.pad == ts
+    cmap = CoordinateMap(c[uniq], ts)
+    cmap.adopt_index(index)
+    assert cmap.index((stride,) * d) is index and cmap.index((0,) * d) is index  # a larger pad serves
+    lo, hi = cmap.bounds
+    assert torch.equal(lo, c.long().amin(0)) and torch.equal(hi, c.long().amax(0))
+    fresh = CoordinateIndex.build(c[uniq], ts, ts)
+    box = torch.stack(torch.meshgrid(*[torch.arange(-6 * stride, 7 * stride)] * d, indexing="ij"), -1).reshape(-1, d)
+    q = torch.cat([torch.cat([torch.full((box.shape[0], 1), b), box], 1) for b in (0, 1)]).to(torch.int32)
+    assert torch.equal(index.lookup(q), fresh.lookup(q))
+    where = {tuple(r): i for i, r in enumerate(c[uniq].tolist())}
+    assert index.lookup(q).tolist() == [where.get(tuple(r), -1) for r in q.tolist()]

@@ -56,6 +56,10 @@ REGION_TYPES = ("hypercube", "hypercross", "custom")
 # cells (an int32 table of 256 MiB) and at most _DENSE_PER_POINT cells per point.
 _DENSE_MAX_CELLS = 1 << 26
 _DENSE_PER_POINT = 256
+# Above this many output points the kernel-map builder queries the table in key order (the
+# table reads then walk memory forward).  Below it the table stays in cache and the sort
+# (torch's CPU sort: ~60 ns a key) costs more than it saves.
+_KEY_ORDER_MIN = 1 << 16
 _INT64_SAFE = 1 << 62
 
 
@@ -174,9 +178,11 @@ class CoordinateIndex:
     sorted_keys: torch.Tensor | None  # int64 [N] (search mode)
     order: torch.Tensor | None  # int64 [N] row of each sorted key
     n: int
+    pad: tuple[int, ...] = ()  # per spatial axis: lo and hi are the points' bounds -/+ 2 * pad
 
-    @classmethod
-    def build(cls, coords: torch.Tensor, pad: Sequence[int], tensor_stride: Sequence[int] | None = None) -> CoordinateIndex:
+    @staticmethod
+    def _box(coords: torch.Tensor, pad: Sequence[int], tensor_stride: Sequence[int] | None):
+        """``(lo, step, hi, mult, cells, keys)`` of the padded box around ``coords``."""
         c = coords.to(torch.int64)
         n, cols = c.shape
         ts = [max(int(t), 1) for t in (tensor_stride or [1] * (cols - 1))]
@@ -201,17 +207,63 @@ class CoordinateIndex:
             )
         mult = torch.tensor(list(reversed(mult_l)), dtype=torch.int64, device=c.device)
         rel = c - lo
-        if not bool((step == 1).all()):
+        if any(t != 1 for t in ts):
             rel = rel // step
         keys = rel @ mult if n else torch.zeros(0, dtype=torch.int64, device=c.device)
-        if n and acc <= _DENSE_MAX_CELLS and acc <= max(_DENSE_PER_POINT * n, 1 << 20):
-            table = torch.full((acc,), -1, dtype=torch.int32, device=c.device)
+        return lo, step, hi, mult, acc, keys
+
+    @staticmethod
+    def _dense(cells: int, n: int) -> bool:
+        return bool(n) and cells <= _DENSE_MAX_CELLS and cells <= max(_DENSE_PER_POINT * n, 1 << 20)
+
+    @classmethod
+    def build(cls, coords: torch.Tensor, pad: Sequence[int], tensor_stride: Sequence[int] | None = None) -> CoordinateIndex:
+        lo, step, hi, mult, acc, keys = cls._box(coords, pad, tensor_stride)
+        n = coords.shape[0]
+        if cls._dense(acc, n):
+            table = torch.full((acc,), -1, dtype=torch.int32, device=coords.device)
             # Several rows with one key (unquantized input) keep the LAST row here;
             # maps are unique by construction, so this only matters for misuse.
-            table[keys] = torch.arange(n, dtype=torch.int32, device=c.device)
-            return cls(lo, step, hi, mult, table, None, None, n)
+            table[keys] = torch.arange(n, dtype=torch.int32, device=coords.device)
+            return cls(lo, step, hi, mult, table, None, None, n, tuple(pad))
         sorted_keys, order = torch.sort(keys)
-        return cls(lo, step, hi, mult, None, sorted_keys, order, n)
+        return cls(lo, step, hi, mult, None, sorted_keys, order, n, tuple(pad))
+
+    @classmethod
+    def build_unique(cls, coords: torch.Tensor, pad: Sequence[int], tensor_stride: Sequence[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, CoordinateIndex | None]:
+        """:func:`unique_coordinates` of ``coords`` (on the ``tensor_stride`` lattice) and, where the
+        padded box is small enough for a dense table, the index of the unique rows with that
+        ``pad``: one table answers both, with no sort.  ``(unique_index, inverse, index or None)``.
+
+        Example:
+            >>> c = torch.tensor([[0, 4], [0, 2], [0, 4], [0, 8]], dtype=torch.int32)
+            >>> u, inv, idx = CoordinateIndex.build_unique(c, (2,), (2,))
+            >>> u.tolist(), inv.tolist(), idx.lookup(torch.tensor([[0, 8], [0, 6]])).tolist()
+            ([0, 1, 3], [0, 1, 0, 2], [2, -1])
+        """
+        n = coords.shape[0]
+        lo, step, hi, mult, acc, keys = cls._box(coords, pad, tensor_stride)
+        # Stricter than an index's rule: a sort of few keys beats filling a large table.
+        if not (cls._dense(acc, n) and acc <= _DENSE_PER_POINT * n):
+            uniq, inv = unique_coordinates(coords)
+            return uniq, inv, None
+        dev = coords.device
+        table = torch.full((acc,), -1, dtype=torch.int32, device=dev)
+        rows = torch.arange(n, dtype=torch.int32, device=dev)
+        table.index_put_((keys,), rows)  # with repeated keys one of their rows lands: the check below sees it
+        if torch.equal(table.index_select(0, keys), rows):  # already unique: the common case
+            r = torch.arange(n, device=dev)
+            return r, r.clone(), cls(lo, step, hi, mult, table, None, None, n, tuple(pad))
+        # The first row of each key (the largest n - 1 - row), in order of first appearance.
+        table.fill_(-1)
+        rev = torch.sub(n - 1, rows)
+        table.scatter_reduce_(0, keys, rev, reduce="amax")
+        first = torch.nonzero(table.index_select(0, keys) == rev).squeeze(1)
+        m = first.shape[0]
+        table.index_put_((keys.index_select(0, first),), torch.arange(m, dtype=torch.int32, device=dev))
+        inv = table.index_select(0, keys).to(torch.int64)
+        return first, inv, cls(lo, step, hi, mult, table, None, None, m, tuple(pad))
 
     def encode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keys, inside)`` for query coordinates ``[M, 1 + D]``."""
@@ -263,6 +315,7 @@ class CoordinateMap:
     coordinates: torch.Tensor
     tensor_stride: tuple[int, ...]
     _indexes: dict = field(default_factory=dict, repr=False)
+    _bounds: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_coordinates(self.coordinates, "CoordinateMap")
@@ -283,13 +336,40 @@ class CoordinateMap:
         return self.coordinates.shape[0]
 
     def index(self, pad: Sequence[int] | None = None) -> CoordinateIndex:
-        """The lookup structure for queries up to ``pad`` outside the box (cached per pad)."""
-        key = tuple(pad) if pad is not None else (0,) * self.dimension
+        """The lookup structure for queries up to ``pad`` outside the box (cached per pad; an
+        index built for a larger pad on every axis serves a smaller one)."""
+        key = tuple(int(p) for p in pad) if pad is not None else (0,) * self.dimension
         idx = self._indexes.get(key)
         if idx is None:
+            for have, cand in self._indexes.items():
+                if all(a >= b for a, b in zip(have, key)):
+                    return cand
             idx = CoordinateIndex.build(self.coordinates, key, self.tensor_stride)
             self._indexes[key] = idx
         return idx
+
+    def adopt_index(self, index: CoordinateIndex) -> None:
+        """Keep ``index`` (built over exactly this map's rows, e.g. by
+        :meth:`CoordinateIndex.build_unique`) for queries up to its ``pad``."""
+        if index.n != len(self):
+            raise ValueError(f"CoordinateMap.adopt_index: the index has {index.n} rows; the map has {len(self)}.")
+        self._indexes[tuple(index.pad)] = index
+
+    @property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lowest, highest)`` coordinate per column (int64) of a non-empty map, cached (read off
+        an index when one exists)."""
+        b = self._bounds
+        if b is None:
+            idx = next(iter(self._indexes.values()), None)
+            if idx is not None and idx.pad and idx.n:
+                padv = torch.tensor([0, *[2 * p for p in idx.pad]], dtype=torch.int64, device=idx.lo.device)
+                b = (idx.lo + padv, idx.hi - padv)
+            else:
+                c = self.coordinates.to(torch.int64)
+                b = (c.amin(0), c.amax(0))
+            self._bounds = b
+        return b
 
 
 # ------------------------------------------------------------------ unique / stride
@@ -482,20 +562,34 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     padv = torch.tensor([0, *pad], device=dev)
     # Out points off the input's lattice (a tensor-stride multiple) have none either.
     rel = oc - index.lo
-    near = ((oc >= index.lo + padv) & (oc <= index.hi - padv)).all(1)
     unit = index.unit_step
-    if not unit:
-        near &= (rel % index.step == 0).all(1)
-    if bool(near.all()):
+    # The box's lo is on the input's lattice, so an output stride that is a multiple of the
+    # input's keeps every out point on it; then the out map's bounds decide for all points.
+    aligned = unit or all(o % max(i, 1) == 0 for o, i in zip(out_map.tensor_stride, in_map.tensor_stride))
+    if oc.shape[0] == 0:
+        all_near = True
+    elif aligned:
+        omin, omax = out_map.bounds
+        all_near = bool(((omin >= index.lo + padv) & (omax <= index.hi - padv)).all())
+    else:
+        all_near = False
+    if all_near:
         rows_near = torch.arange(oc.shape[0], dtype=itype, device=dev)
     else:
+        near = ((oc >= index.lo + padv) & (oc <= index.hi - padv)).all(1)
+        if not unit:
+            near &= (rel % index.step == 0).all(1)
         rows_near = torch.nonzero(near).squeeze(1).to(itype)
         rel = rel.index_select(0, rows_near)
     base = (rel if unit else rel // index.step) @ index.mult if rel.shape[0] else rel.new_zeros(0)
-    if hash_free_device(dev) and base.shape[0] > 4096:
-        # Query in key order: the table reads then walk memory forward instead of jumping
-        # (a several-fold saving on large maps); pairs stay grouped by offset.
-        base, order = torch.sort(base)
+    if hash_free_device(dev) and base.shape[0] > _KEY_ORDER_MIN:
+        # Query in key order: the table reads then walk memory forward instead of jumping;
+        # pairs stay grouped by offset.  Keys below 2^31 sort as int32 (twice as fast).
+        if index.table is not None:
+            _, order = torch.sort(base.to(torch.int32))
+            base = base.index_select(0, order)
+        else:
+            base, order = torch.sort(base)
         rows_near = rows_near.index_select(0, order)
     if bool((offsets.to(dev) % index.step[1:] != 0).any()):
         raise ValueError("build_kernel_map: kernel offsets must be multiples of the input's tensor stride.")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .coords import (
+    CoordinateIndex,
     CoordinateMap,
     KernelMap,
     build_kernel_map,
@@ -148,14 +149,22 @@ class CoordinateManager:
                 f"dimensions; this manager is for D={self.D}."
             )
         ts = as_stride(1 if tensor_stride is None else tensor_stride, self.D, "tensor_stride")
-        s = torch.tensor([1, *ts], dtype=coordinates.dtype, device=coordinates.device)
-        if bool((coordinates % s != 0).any()):
-            raise ValueError(
-                f"CoordinateManager.insert_and_map: coordinates are not multiples of the tensor stride {ts}; "
-                "every coordinate of a tensor at stride s must be divisible by s."
-            )
-        uniq, inv = unique_coordinates(coordinates)
-        cmap = CoordinateMap(coordinates[uniq].to(torch.int32), ts)
+        if any(t != 1 for t in ts):
+            s = torch.tensor([1, *ts], dtype=coordinates.dtype, device=coordinates.device)
+            if bool((coordinates % s != 0).any()):
+                raise ValueError(
+                    f"CoordinateManager.insert_and_map: coordinates are not multiples of the tensor stride {ts}; "
+                    "every coordinate of a tensor at stride s must be divisible by s."
+                )
+        # The map's index for kernels of size 2 and 3 comes with the uniqueness check (one table).
+        uniq, inv, index = CoordinateIndex.build_unique(coordinates, ts, ts)
+        if uniq.shape[0] == coordinates.shape[0]:  # already unique: uniq is 0 .. n - 1
+            kept = coordinates.to(torch.int32, copy=True)
+        else:
+            kept = coordinates[uniq].to(torch.int32)
+        cmap = CoordinateMap(kept, ts)
+        if index is not None:
+            cmap.adopt_index(index)
         return self.insert(cmap, string_id), (uniq, inv)
 
     def get_coordinates(self, key: CoordinateMapKey) -> torch.Tensor:
@@ -178,8 +187,11 @@ class CoordinateManager:
         if out_key not in self._maps:
             src = self.coordinate_map(in_key).coordinates
             strided = stride_coordinates(src, ts)
-            uniq, _ = unique_coordinates(strided)
-            self._maps[out_key] = CoordinateMap(strided[uniq], ts)
+            uniq, _, index = CoordinateIndex.build_unique(strided, ts, ts)
+            cmap = CoordinateMap(strided[uniq], ts)
+            if index is not None:
+                cmap.adopt_index(index)
+            self._maps[out_key] = cmap
         return out_key
 
     def transposed_stride(self, in_key: CoordinateMapKey, stride: Sequence[int]) -> tuple[int, ...]:

@@ -119,8 +119,8 @@ def _check_features(features, where: str) -> None:
 
 def _merge(features: torch.Tensor, uniq: torch.Tensor, inv: torch.Tensor, mode) -> torch.Tensor:
     """Features of the unique rows under a quantization mode (autograd flows through)."""
-    if uniq.numel() == inv.numel():
-        return features[uniq] if not torch.equal(uniq, torch.arange(uniq.numel(), device=uniq.device)) else features
+    if uniq.numel() == inv.numel():  # no repeated coordinate: uniq is 0 .. n - 1 (first appearance order)
+        return features
     m = uniq.numel()
     if mode in (SparseTensorQuantizationMode.RANDOM_SUBSAMPLE, SparseTensorQuantizationMode.NO_QUANTIZATION):
         return features[uniq]
