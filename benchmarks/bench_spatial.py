@@ -24,6 +24,7 @@ medians (and minima: other work on shared cores only adds time) over the rounds,
 ours / spconv from the medians.
 
 Run:  python benchmarks/bench_spatial.py [--sizes 10000 100000 1000000] [--rounds 5] [--threads 1]
+      [--workloads conv unet] [--passes fwd fwd+bwd]  (partial runs, for profiling)
 Needs ``pip install spconv`` (its CPU build; not a dependency of sparsify).
 Writes benchmarks/results/spatial_cpu.json and prints a markdown table.
 """
@@ -242,6 +243,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dense-limit-gb", type=float, default=4.0)
     ap.add_argument("--unet-max", type=int, default=1_000_000, help="largest size to run the U-Net at")
+    ap.add_argument("--workloads", nargs="+", choices=["conv", "unet"], default=["conv", "unet"],
+                    help="which workloads to run (a partial run for profiling; the table needs both)")
+    ap.add_argument("--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"],
+                    help="which passes to time")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "spatial_cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -258,47 +263,49 @@ def main(argv=None) -> dict:
         print(f"# {len(coords)} voxels, grid {extent}, occupancy {occupancy:.4f}", flush=True)
         rounds = args.rounds if n <= 300_000 else max(3, args.rounds // 2)
 
+        backwards = [b for b, name in ((False, "fwd"), (True, "fwd+bwd")) if name in args.passes]
         # ---- one 3x3x3 convolution
-        f32 = torch.randn(len(coords), 32)
-        ours = ME.MinkowskiConvolution(32, 32, kernel_size=3, dimension=3)
-        theirs = spc.SubMConv3d(32, 32, 3, bias=False, indice_key="c")
-        with torch.no_grad():  # the same weights: ME [K, in, out], spconv [out, k, k, k, in]
-            k_me = ours.kernel.detach().reshape(3, 3, 3, 32, 32)  # [kz, ky, kx, in, out]
-            theirs.weight.copy_(k_me.permute(4, 2, 1, 0, 3).contiguous())
-        systems = {
-            "ours": (lambda f, m=ours, c=coords: m(ours_input(c, f)).F, f32, list(ours.parameters())),
-            "spconv": (lambda f, m=theirs, c=coords: m(spconv_input(spc, c, f)).features, f32,
-                       list(theirs.parameters())),
-        }
-        # same weights, same data: check the two agree before timing them
-        a = systems["ours"][0](f32)
-        b_ = theirs(spconv_input(spc, coords, f32))
-        order = {tuple(r): i for i, r in enumerate(b_.indices[:, 1:].tolist())}
-        perm = torch.tensor([order[tuple(r)] for r in coords.tolist()])
-        agree = float((a - b_.features[perm]).norm() / b_.features.norm())
-        if dense_fits(coords, 32, args.dense_limit_gb * 2**30):
-            dense = nn.Conv3d(32, 32, 3, padding=1, bias=False)
-            idx = coords.long().unbind(1)
+        if "conv" in args.workloads:
+            f32 = torch.randn(len(coords), 32)
+            ours = ME.MinkowskiConvolution(32, 32, kernel_size=3, dimension=3)
+            theirs = spc.SubMConv3d(32, 32, 3, bias=False, indice_key="c")
+            with torch.no_grad():  # the same weights: ME [K, in, out], spconv [out, k, k, k, in]
+                k_me = ours.kernel.detach().reshape(3, 3, 3, 32, 32)  # [kz, ky, kx, in, out]
+                theirs.weight.copy_(k_me.permute(4, 2, 1, 0, 3).contiguous())
+            systems = {
+                "ours": (lambda f, m=ours, c=coords: m(ours_input(c, f)).F, f32, list(ours.parameters())),
+                "spconv": (lambda f, m=theirs, c=coords: m(spconv_input(spc, c, f)).features, f32,
+                           list(theirs.parameters())),
+            }
+            # same weights, same data: check the two agree before timing them
+            a = systems["ours"][0](f32)
+            b_ = theirs(spconv_input(spc, coords, f32))
+            order = {tuple(r): i for i, r in enumerate(b_.indices[:, 1:].tolist())}
+            perm = torch.tensor([order[tuple(r)] for r in coords.tolist()])
+            agree = float((a - b_.features[perm]).norm() / b_.features.norm())
+            if dense_fits(coords, 32, args.dense_limit_gb * 2**30):
+                dense = nn.Conv3d(32, 32, 3, padding=1, bias=False)
+                idx = coords.long().unbind(1)
 
-            def dense_fn(f, dense=dense, idx=idx, extent=extent):
-                grid = f.new_zeros(*extent, 32).index_put(idx, f)
-                y = dense(grid.permute(3, 0, 1, 2)[None])
-                return y[0].permute(1, 2, 3, 0)[idx]
+                def dense_fn(f, dense=dense, idx=idx, extent=extent):
+                    grid = f.new_zeros(*extent, 32).index_put(idx, f)
+                    y = dense(grid.permute(3, 0, 1, 2)[None])
+                    return y[0].permute(1, 2, 3, 0)[idx]
 
-            systems["dense conv3d"] = (dense_fn, f32, list(dense.parameters()))
-        for backward in (False, True):
-            res = measure(systems, rounds, backward)
-            row = {"workload": "conv 3x3x3 32->32", "pass": "fwd+bwd" if backward else "fwd", "voxels": len(coords),
-                   "grid": extent, "occupancy": occupancy, "ours_vs_spconv_rel_diff": agree, **{
-                       k: v for k, v in res.items()}}
-            row["ratio_ours_spconv"] = res["ours"]["median_ms"] / res["spconv"]["median_ms"]
-            if "dense conv3d" in res:
-                row["ratio_ours_dense"] = res["ours"]["median_ms"] / res["dense conv3d"]["median_ms"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                systems["dense conv3d"] = (dense_fn, f32, list(dense.parameters()))
+            for backward in backwards:
+                res = measure(systems, rounds, backward)
+                row = {"workload": "conv 3x3x3 32->32", "pass": "fwd+bwd" if backward else "fwd", "voxels": len(coords),
+                       "grid": extent, "occupancy": occupancy, "ours_vs_spconv_rel_diff": agree, **{
+                           k: v for k, v in res.items()}}
+                row["ratio_ours_spconv"] = res["ours"]["median_ms"] / res["spconv"]["median_ms"]
+                if "dense conv3d" in res:
+                    row["ratio_ours_dense"] = res["ours"]["median_ms"] / res["dense conv3d"]["median_ms"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
         # ---- the U-Net
-        if n <= args.unet_max:
+        if n <= args.unet_max and "unet" in args.workloads:
             f4 = torch.randn(len(coords), 4)
             net_o, net_s = OursUNet().train(), SpUNet().train()
             # both networks must compute on the same sites at every level before they are timed
@@ -308,7 +315,7 @@ def main(argv=None) -> dict:
                 "spconv": (lambda f, m=net_s, c=coords: m(spconv_input(spc, c, f)).features, f4,
                            list(net_s.parameters())),
             }
-            for backward in (False, True):
+            for backward in backwards:
                 res = measure(systems, rounds, backward)
                 row = {"workload": "MinkUNet-style", "pass": "fwd+bwd" if backward else "fwd", "voxels": len(coords),
                        "grid": extent, "occupancy": occupancy, "sites_per_level": sites, **res,
@@ -322,7 +329,7 @@ def main(argv=None) -> dict:
         "commit": head + ("-dirty" if dirty else ""),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average_start": load_start,
                     "load_average": list(os.getloadavg())},
-        "threads": args.threads, "rounds": args.rounds,
+        "threads": args.threads, "rounds": args.rounds, "workloads": args.workloads, "passes": args.passes,
         "torch": torch.__version__, "spconv": spconv.__version__, "python": sys.version.split()[0],
         "voxel_size_m": VOXEL,
     }

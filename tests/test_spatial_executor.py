@@ -2,15 +2,17 @@
 
 Properties:
 
-* the segmented-sum path (``embedding_bag`` over ``pair_bags``) and the reference
-  gather-GEMM-scatter (``index_add_``) give bit-identical forward, input-gradient and
-  weight-gradient results, float32 and float64, dense and channel-wise, on same-map,
+* the segmented-sum path (``embedding_bag`` over ``pair_bags``), the scatter over all
+  pairs at once (small maps) and the reference gather-GEMM-scatter offset by offset
+  (``index_add_``) give bit-identical forward, input-gradient and weight-gradient results
+  (with gathers all at once and offset by offset), float32 and float64, dense and channel-wise, on same-map,
   strided, transposed and generative maps; a map with a row twice in one offset (pooling)
   falls back to the scatter;
 * results never alias the executor's reused workspace.
 
-Exact equality (not a tolerance) is the claim: both paths add the same products in the
-same order (the identity product first, then offset by offset).
+Exact equality (not a tolerance) is the claim: every path adds the same products in the
+same order (the identity product first, then offset by offset; one ``index_add_`` over
+all pairs adds each row's products in pair order).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ def _run_all(ex, km, x, dy, w, wd, dyd):
     return [t.clone() for t in out]
 
 
+# (_BAG_MIN_PAIRS, _BAG_MIN_WORK, _GATHER_ALL_MAX): the reference scatter offset by offset
+# first, then the scatter over all pairs at once, the segmented sum with gathers at once and
+# offset by offset
+_PATHS = [(1 << 62, 0, 0), (1 << 62, 0, 1 << 62), (0, 0, 1 << 62), (0, 0, 0)]
+
+
 @given(st.integers(2, 3), st.integers(1, 400), st.sampled_from([torch.float32, torch.float64]),
        st.integers(0, 2**31 - 1))
 def test_segmented_sum_equals_the_scatter_bit_for_bit(d, n, dtype, seed):
@@ -63,16 +71,17 @@ def test_segmented_sum_equals_the_scatter_bit_for_bit(d, n, dtype, seed):
         w = torch.randn(km.volume, cin, cout, generator=g).to(dtype)
         wd = torch.randn(km.volume, cin, generator=g).to(dtype)
         dyd = torch.randn(km.n_out, cin, generator=g).to(dtype)
-        old = cpu._BAG_MIN_PAIRS
+        old = cpu._BAG_MIN_PAIRS, cpu._BAG_MIN_WORK, cpu._GATHER_ALL_MAX
+        results = []
         try:
-            cpu._BAG_MIN_PAIRS = 1 << 62
-            ref = _run_all(ex, km, x, dy, w, wd, dyd)
-            cpu._BAG_MIN_PAIRS = 0
-            got = _run_all(ex, km, x, dy, w, wd, dyd)
+            for cpu._BAG_MIN_PAIRS, cpu._BAG_MIN_WORK, cpu._GATHER_ALL_MAX in _PATHS:
+                results.append(_run_all(ex, km, x, dy, w, wd, dyd))
         finally:
-            cpu._BAG_MIN_PAIRS = old
-        for i, (a, b) in enumerate(zip(ref, got)):
-            assert torch.equal(a, b), f"{name}: result {i}"
+            cpu._BAG_MIN_PAIRS, cpu._BAG_MIN_WORK, cpu._GATHER_ALL_MAX = old
+        ref = results[0]
+        for path, got in zip(_PATHS[1:], results[1:]):
+            for i, (a, b) in enumerate(zip(ref, got)):
+                assert torch.equal(a, b), f"{name}, path {path}: result {i}"
 
 
 def test_pooling_maps_fall_back_to_the_scatter(monkeypatch):
@@ -85,6 +94,7 @@ def test_pooling_maps_fall_back_to_the_scatter(monkeypatch):
     w = torch.randn(1, 3, 4)
     args = (x, w, km.in_idx, km.out_idx, list(km.k_offsets), km.n_out, -1, False)
     monkeypatch.setattr(cpu, "_BAG_MIN_PAIRS", 0)
+    monkeypatch.setattr(cpu, "_BAG_MIN_WORK", 0)
     got = cpu.SpatialCPUExecutor().conv_forward(*args)
     want = torch.zeros(km.n_out, 4).index_add_(0, km.out_idx, x[km.in_idx] @ w[0])
     assert torch.equal(got, want)
@@ -92,6 +102,7 @@ def test_pooling_maps_fall_back_to_the_scatter(monkeypatch):
 
 def test_results_do_not_alias_the_workspace(monkeypatch):
     monkeypatch.setattr(cpu, "_BAG_MIN_PAIRS", 0)
+    monkeypatch.setattr(cpu, "_BAG_MIN_WORK", 0)
     c = _coords(3, 300, 8, 1, 7)
     cm = CoordinateManager(D=3)
     key, _ = cm.insert_and_map(c, 1)

@@ -491,6 +491,23 @@ class KernelMap:
                          self.n_in, self.n_out, self.identity_k)
 
 
+def _bags_signature(rows: torch.Tensor, k_offsets: Sequence[int], n: int, identity_k: int) -> tuple:
+    return rows._version, rows.shape[0], tuple(int(v) for v in k_offsets), int(n), int(identity_k)
+
+
+def pair_bags_built(rows: torch.Tensor, k_offsets: Sequence[int], n: int, identity_k: int = -1) -> bool:
+    """Whether :func:`pair_bags` of these arguments is cached already (a call costs nothing).
+
+    Example:
+        >>> rows = torch.tensor([1, 0, 1, 2])
+        >>> before = pair_bags_built(rows, (0, 1, 4), 3); _ = pair_bags(rows, (0, 1, 4), 3)
+        >>> before, pair_bags_built(rows, (0, 1, 4), 3)
+        (False, True)
+    """
+    hit = getattr(rows, "_sparsify_bags", None)
+    return hit is not None and hit[0] == _bags_signature(rows, k_offsets, n, identity_k)
+
+
 def pair_bags(rows: torch.Tensor, k_offsets: Sequence[int], n: int,
               identity_k: int = -1) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The pairs of a kernel map grouped by the row they reduce into: ``(order, ptr)`` (int32),
@@ -510,7 +527,7 @@ def pair_bags(rows: torch.Tensor, k_offsets: Sequence[int], n: int,
         >>> order.tolist(), ptr.tolist()
         ([1, 0, 2, 3], [0, 1, 3, 4])
     """
-    sig = (rows._version, rows.shape[0], tuple(int(v) for v in k_offsets), int(n), int(identity_k))
+    sig = _bags_signature(rows, k_offsets, n, identity_k)
     hit = getattr(rows, "_sparsify_bags", None)
     if hit is not None and hit[0] == sig:
         return hit[1]

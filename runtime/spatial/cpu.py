@@ -33,7 +33,7 @@ import threading
 
 import torch
 
-from .coords import pair_bags
+from .coords import pair_bags, pair_bags_built
 
 __all__ = ["POOL_MODES", "SpatialCPUExecutor", "release_workspace"]
 
@@ -86,16 +86,23 @@ def release_workspace() -> None:
     _WS.buffers.clear()
 
 
-# Below this many pairs a map's per-row grouping (built once per map and side) costs more
-# than the segmented sum saves over index_add_ in one use.
-_BAG_MIN_PAIRS = 1 << 16
+# The segmented sum needs the map's per-row grouping of its pairs (pair_bags: three torch
+# calls per offset, built once per map and side, then cached).  It runs where the grouping is
+# cached already, or where one use pays for building it: at least _BAG_MIN_WORK products
+# (pairs x channels) per offset (index_add_ costs ~0.6 ns a product more than the segmented
+# sum; building costs ~27 us an offset).  Never below _BAG_MIN_PAIRS pairs.
+_BAG_MIN_PAIRS = 1 << 10
+_BAG_MIN_WORK = 1 << 16
 
 
-def _bags(x: torch.Tensor, rows: torch.Tensor, k_offsets, n: int, identity_k: int):
+def _bags(x: torch.Tensor, rows: torch.Tensor, k_offsets, n: int, identity_k: int, cols: int):
     """The per-row grouping of the pairs for a segmented sum, or None where the reference
     scatter (``index_add_``) runs: off the CPU, other dtypes than float32 / float64 (where
     ``embedding_bag`` sums in the tensor's own precision, in the order given), small maps."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or k_offsets[-1] < _BAG_MIN_PAIRS:
+    pairs = k_offsets[-1]
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or pairs < _BAG_MIN_PAIRS:
+        return None
+    if pairs * cols < _BAG_MIN_WORK * (len(k_offsets) - 1) and not pair_bags_built(rows, k_offsets, n, identity_k):
         return None
     return pair_bags(rows, k_offsets, n, identity_k)
 
@@ -108,6 +115,35 @@ def _segment_sum(products: torch.Tensor, bags) -> torch.Tensor:
 
 def _most(k_offsets, identity_k: int) -> int:
     return max((k_offsets[k + 1] - k_offsets[k] for k in range(len(k_offsets) - 1) if k != identity_k), default=0)
+
+
+# Up to this many elements (16 MiB of float32), the segmented-sum path gathers the rows of
+# every pair with one index_select into one buffer (two around the identity offset) instead
+# of one per offset: small maps spend their time in per-call overhead, not in copies.
+_GATHER_ALL_MAX = 1 << 22
+
+
+def _cuts(k_offsets, skip: int) -> list[tuple[int, int]]:
+    """The pair ranges around the identity offset ``skip`` (all pairs when ``skip < 0``)."""
+    pairs = k_offsets[-1]
+    cuts = [(0, pairs)] if skip < 0 else [(0, k_offsets[skip]), (k_offsets[skip + 1], pairs)]
+    return [(a, b) for a, b in cuts if b > a]
+
+
+def _gathered(src: torch.Tensor, idx: torch.Tensor, k_offsets, skip: int, slot: str):
+    """``(k, a, b, rows)`` for every non-empty offset ``k`` with ``rows = src[idx[a:b]]`` (``src``
+    itself for the identity offset ``skip``), in offset order, gathered into reused buffers."""
+    pairs, cols = k_offsets[-1], src.shape[1]
+    if pairs * cols <= _GATHER_ALL_MAX:
+        buf = _WS.get(slot + "_all", pairs, cols, src)
+        for a, b in _cuts(k_offsets, skip):
+            torch.index_select(src, 0, idx[a:b], out=buf[a:b])
+        for k, a, b in _groups(k_offsets):
+            yield k, a, b, (src if k == skip else buf[a:b])
+        return
+    buf = _WS.get(slot, _most(k_offsets, skip), cols, src)
+    for k, a, b in _groups(k_offsets):
+        yield k, a, b, (src if k == skip else torch.index_select(src, 0, idx[a:b], out=buf[: b - a]))
 
 
 class SpatialCPUExecutor:
@@ -131,81 +167,101 @@ class SpatialCPUExecutor:
             return _WS.get(slots[0], most, cols_a, x), _WS.get(slots[1], most, cols_b, x)
         return x.new_empty(most, cols_a), x.new_empty(most, cols_b)
 
+    @staticmethod
+    def _all_at_once(x: torch.Tensor, k_offsets, *cols: int) -> bool:
+        """Whether the scatter path gathers and multiplies every pair before scattering (CPU,
+        small maps: per-call overhead dominates) rather than offset by offset."""
+        return x.device.type == "cpu" and k_offsets[-1] * max(cols) <= _GATHER_ALL_MAX
+
     def conv_forward(self, x, w, in_idx, out_idx, k_offsets, n_out: int, identity_k: int, depthwise: bool):
         cout = w.shape[-1]
         ident = identity_k >= 0 and x.shape[0] == n_out
         skip = identity_k if ident else -1
-        bags = _bags(x, out_idx, k_offsets, n_out, skip)
+        ws = w.unbind(0)
+        op = torch.mul if depthwise else torch.mm
+        bags = _bags(x, out_idx, k_offsets, n_out, skip, cout)
         if bags is not None:
             # Every pair's product into one buffer, then one segmented sum per output row.
             prod = _WS.get("pairs", k_offsets[-1], cout, x)
-            gbuf, _ = self._workspace(x, k_offsets, skip, x.shape[1], 0)
-            for k, a, b in _groups(k_offsets):
-                g = x if k == skip else torch.index_select(x, 0, in_idx[a:b], out=gbuf[: b - a])
-                if depthwise:
-                    torch.mul(g, w[k], out=prod[a:b])
-                else:
-                    torch.mm(g, w[k], out=prod[a:b])
+            for k, a, b, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+                op(g, ws[k], out=prod[a:b])
             return _segment_sum(prod, bags)
         if ident:
             y = (x * w[identity_k]) if depthwise else x @ w[identity_k]
             y = y.contiguous()
         else:
             y = x.new_zeros(n_out, cout)
+        if self._all_at_once(x, k_offsets, x.shape[1], cout):
+            # One index_add_ adds each row's products in pair order: the order of the loop below.
+            prod = _WS.get("pairs", k_offsets[-1], cout, x)
+            for k, a, b, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+                if k != skip:
+                    op(g, ws[k], out=prod[a:b])
+            for a, b in _cuts(k_offsets, skip):
+                y.index_add_(0, out_idx[a:b], prod[a:b])
+            return y
         gbuf, pbuf = self._workspace(x, k_offsets, skip, x.shape[1], cout)
         for k, a, b in _groups(k_offsets):
             if k == skip:
                 continue
             g = torch.index_select(x, 0, in_idx[a:b], out=gbuf[: b - a])
-            p = torch.mul(g, w[k], out=pbuf[: b - a]) if depthwise else torch.mm(g, w[k], out=pbuf[: b - a])
-            y.index_add_(0, out_idx[a:b], p)
+            y.index_add_(0, out_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
         return y
 
     def conv_dgrad(self, dy, w, in_idx, out_idx, k_offsets, n_in: int, identity_k: int, depthwise: bool):
         cin = w.shape[-1] if depthwise else w.shape[1]
         ident = identity_k >= 0 and dy.shape[0] == n_in
         skip = identity_k if ident else -1
-        bags = _bags(dy, in_idx, k_offsets, n_in, skip)
+        ws = w.unbind(0) if depthwise else w.transpose(1, 2).unbind(0)
+        op = torch.mul if depthwise else torch.mm
+        bags = _bags(dy, in_idx, k_offsets, n_in, skip, cin)
         if bags is not None:
             prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            gbuf, _ = self._workspace(dy, k_offsets, skip, dy.shape[1], 0)
-            for k, a, b in _groups(k_offsets):
-                g = dy if k == skip else torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
-                if depthwise:
-                    torch.mul(g, w[k], out=prod[a:b])
-                else:
-                    torch.mm(g, w[k].T, out=prod[a:b])
+            for k, a, b, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
+                op(g, ws[k], out=prod[a:b])
             return _segment_sum(prod, bags)
         if ident:
             dx = (dy * w[identity_k]) if depthwise else dy @ w[identity_k].T
             dx = dx.contiguous()
         else:
             dx = dy.new_zeros(n_in, cin)
+        if self._all_at_once(dy, k_offsets, dy.shape[1], cin):
+            prod = _WS.get("pairs", k_offsets[-1], cin, dy)
+            for k, a, b, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
+                if k != skip:
+                    op(g, ws[k], out=prod[a:b])
+            for a, b in _cuts(k_offsets, skip):
+                dx.index_add_(0, in_idx[a:b], prod[a:b])
+            return dx
         gbuf, pbuf = self._workspace(dy, k_offsets, skip, dy.shape[1], cin)
         for k, a, b in _groups(k_offsets):
             if k == skip:
                 continue
             g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
-            p = torch.mul(g, w[k], out=pbuf[: b - a]) if depthwise else torch.mm(g, w[k].T, out=pbuf[: b - a])
-            dx.index_add_(0, in_idx[a:b], p)
+            dx.index_add_(0, in_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
         return dx
 
     def conv_wgrad(self, x, dy, in_idx, out_idx, k_offsets, identity_k: int, depthwise: bool):
         k_vol = len(k_offsets) - 1
         shape = (k_vol, x.shape[1]) if depthwise else (k_vol, x.shape[1], dy.shape[1])
         dw = x.new_zeros(shape)
+        dws = dw.unbind(0)
         ident = identity_k >= 0 and x.shape[0] == dy.shape[0]
-        xbuf, gbuf = self._workspace(x, k_offsets, identity_k if ident else -1, x.shape[1], dy.shape[1])
-        for k, a, b in _groups(k_offsets):
-            if k == identity_k and ident:
-                xs, gs = x, dy
-            else:
-                xs = torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a])
-                gs = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
+        skip = identity_k if ident else -1
+        if self._all_at_once(x, k_offsets, x.shape[1], dy.shape[1]):
+            gx = _gathered(x, in_idx, k_offsets, skip, "gather_b")
+            gy = _gathered(dy, out_idx, k_offsets, skip, "gather_a")
+            pairs = ((k, xs, gs) for (k, _, _, xs), (_, _, _, gs) in zip(gx, gy))
+        else:
+            xbuf, gbuf = self._workspace(x, k_offsets, skip, x.shape[1], dy.shape[1])
+            pairs = ((k, x, dy) if k == skip else
+                     (k, torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a]),
+                      torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])) for k, a, b in _groups(k_offsets))
+        for k, xs, gs in pairs:
             if depthwise:
                 dw[k] = (xs * gs).sum(0)
             else:
-                torch.mm(xs.T, gs, out=dw[k])
+                torch.mm(xs.T, gs, out=dws[k])
         return dw
 
     def conv_backward(self, x, dy, w, in_idx, out_idx, k_offsets, identity_k: int, depthwise: bool):
@@ -215,23 +271,27 @@ class SpatialCPUExecutor:
         ident = identity_k >= 0 and x.shape[0] == dy.shape[0]
         skip = identity_k if ident else -1
         dw = x.new_zeros((k_vol, cin) if depthwise else (k_vol, cin, dy.shape[1]))
-        bags = _bags(dy, in_idx, k_offsets, x.shape[0], skip)
-        if bags is not None:
+        dws = dw.unbind(0)
+        ws = w.unbind(0) if depthwise else w.transpose(1, 2).unbind(0)
+        op = torch.mul if depthwise else torch.mm
+        bags = _bags(dy, in_idx, k_offsets, x.shape[0], skip, cin)
+        if bags is not None or self._all_at_once(x, k_offsets, cin, dy.shape[1]):
             prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            gbuf, xbuf = self._workspace(dy, k_offsets, skip, dy.shape[1], cin)
-            for k, a, b in _groups(k_offsets):
-                if k == skip:
-                    g, xs = dy, x
-                else:
-                    g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
-                    xs = torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a])
+            gy = _gathered(dy, out_idx, k_offsets, skip, "gather_a")
+            gx = _gathered(x, in_idx, k_offsets, skip, "gather_b")
+            for (k, a, b, g), (_, _, _, xs) in zip(gy, gx):
+                if bags is not None or k != skip:
+                    op(g, ws[k], out=prod[a:b])
                 if depthwise:
-                    torch.mul(g, w[k], out=prod[a:b])
                     dw[k] = (xs * g).sum(0)
                 else:
-                    torch.mm(g, w[k].T, out=prod[a:b])
-                    torch.mm(xs.T, g, out=dw[k])
-            return _segment_sum(prod, bags), dw
+                    torch.mm(xs.T, g, out=dws[k])
+            if bags is not None:
+                return _segment_sum(prod, bags), dw
+            dx = ((dy * w[skip]) if depthwise else dy @ w[skip].T).contiguous() if ident else dy.new_zeros(x.shape[0], cin)
+            for a, b in _cuts(k_offsets, skip):
+                dx.index_add_(0, in_idx[a:b], prod[a:b])
+            return dx, dw
         if ident:
             wk = w[identity_k]
             dx = (dy * wk) if depthwise else dy @ wk.T
@@ -239,7 +299,7 @@ class SpatialCPUExecutor:
             if depthwise:
                 dw[identity_k] = (x * dy).sum(0)
             else:
-                torch.mm(x.T, dy, out=dw[identity_k])
+                torch.mm(x.T, dy, out=dws[identity_k])
         else:
             dx = x.new_zeros(x.shape[0], cin)
         gbuf, pbuf = self._workspace(dy, k_offsets, skip, dy.shape[1], cin)
@@ -249,12 +309,11 @@ class SpatialCPUExecutor:
                 continue
             g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
             xs = torch.index_select(x, 0, in_idx[a:b], out=xbuf[: b - a])
+            dx.index_add_(0, in_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
             if depthwise:
-                dx.index_add_(0, in_idx[a:b], torch.mul(g, w[k], out=pbuf[: b - a]))
                 dw[k] = (xs * g).sum(0)
             else:
-                dx.index_add_(0, in_idx[a:b], torch.mm(g, w[k].T, out=pbuf[: b - a]))
-                torch.mm(xs.T, g, out=dw[k])
+                torch.mm(xs.T, g, out=dws[k])
         return dx, dw
 
     # ------------------------------------------------------------ pooling
