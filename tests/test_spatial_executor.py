@@ -95,6 +95,7 @@ def test_pooling_maps_fall_back_to_the_scatter(monkeypatch):
     args = (x, w, km.in_idx, km.out_idx, list(km.k_offsets), km.n_out, -1, False)
     monkeypatch.setattr(cpu, "_BAG_MIN_PAIRS", 0)
     monkeypatch.setattr(cpu, "_BAG_MIN_WORK", 0)
+    monkeypatch.setattr(cpu, "_BAG_MAX_BYTES", 1 << 62)
     got = cpu.SpatialCPUExecutor().conv_forward(*args)
     want = torch.zeros(km.n_out, 4).index_add_(0, km.out_idx, x[km.in_idx] @ w[0])
     assert torch.equal(got, want)
@@ -103,6 +104,7 @@ def test_pooling_maps_fall_back_to_the_scatter(monkeypatch):
 def test_results_do_not_alias_the_workspace(monkeypatch):
     monkeypatch.setattr(cpu, "_BAG_MIN_PAIRS", 0)
     monkeypatch.setattr(cpu, "_BAG_MIN_WORK", 0)
+    monkeypatch.setattr(cpu, "_BAG_MAX_BYTES", 1 << 62)
     c = _coords(3, 300, 8, 1, 7)
     cm = CoordinateManager(D=3)
     key, _ = cm.insert_and_map(c, 1)
