@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,11 @@ def kernel_volume(region_type: str, kernel_size: Sequence[int], offsets: torch.T
     raise ValueError(f"unknown region_type {region_type!r}; expected one of {REGION_TYPES}.")
 
 
+@functools.lru_cache(maxsize=256)
+def _kernel_offsets_cached(region_type: str, kernel_size: tuple, dilation: tuple, tensor_stride: tuple) -> torch.Tensor:
+    return _kernel_offsets(region_type, kernel_size, dilation, tensor_stride, None)
+
+
 def kernel_offsets(
     region_type: str,
     kernel_size: Sequence[int],
@@ -122,7 +128,9 @@ def kernel_offsets(
 ) -> torch.Tensor:
     """The kernel's offsets ``[K, D]`` (int64) in MinkowskiEngine's order, in coordinate units.
 
-    ``custom`` offsets are given in units of ``dilation * tensor_stride`` per axis.
+    ``custom`` offsets are given in units of ``dilation * tensor_stride`` per axis.  The
+    offsets of a shape (not of custom ones) are computed once per process (a fresh copy is
+    returned every call).
 
     Example:
         >>> kernel_offsets("hypercube", (2,), (1,), (4,)).tolist()
@@ -130,6 +138,20 @@ def kernel_offsets(
         >>> kernel_offsets("hypercross", (3, 3), (1, 1), (1, 1)).tolist()
         [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1]]
     """
+    if region_type in ("hypercube", "hypercross"):
+        key = (region_type, tuple(int(k) for k in kernel_size), tuple(int(d) for d in dilation),
+               tuple(int(t) for t in tensor_stride))
+        return _kernel_offsets_cached(*key).clone()
+    return _kernel_offsets(region_type, kernel_size, dilation, tensor_stride, region_offsets)
+
+
+def _kernel_offsets(
+    region_type: str,
+    kernel_size: Sequence[int],
+    dilation: Sequence[int],
+    tensor_stride: Sequence[int],
+    region_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     d = len(kernel_size)
     step = torch.tensor([int(a) * int(b) for a, b in zip(dilation, tensor_stride)], dtype=torch.int64)
     if region_type == "hypercube":
@@ -559,6 +581,18 @@ def pair_bags(rows: torch.Tensor, k_offsets: Sequence[int], n: int,
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _mirrors(offsets: tuple) -> dict[int, int]:
+    """``{k: j}`` for every offset ``k`` whose negation is an earlier offset ``j`` (read-only)."""
+    pos = {o: k for k, o in enumerate(offsets)}
+    mirror = {}
+    for k, o in enumerate(offsets):
+        j = pos.get(tuple(-v for v in o))
+        if j is not None and j < k:
+            mirror[k] = j
+    return mirror
+
+
 def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: torch.Tensor) -> KernelMap:
     """Pairs ``(i, o)`` with ``out_map[o] + offsets[k] == in_map[i]``, grouped by offset.
 
@@ -618,13 +652,7 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
     # identity offset of a same-map kernel needs no query.
     # A same-map kernel whose offsets come in +/- pairs (odd hyper-cubes and crosses) has a
     # symmetric map: the pairs of -offset are those of +offset swapped.  Query half of them.
-    mirror: dict[int, int] = {}
-    if same:
-        pos = {tuple(o): k for k, o in enumerate(offsets.tolist())}
-        for k, o in enumerate(offsets.tolist()):
-            j = pos.get(tuple(-v for v in o))
-            if j is not None and j < k:
-                mirror[k] = j
+    mirror = _mirrors(tuple(map(tuple, offsets.tolist()))) if same else {}
     query = [k for k in range(len(shifts)) if k not in mirror and k != identity_k]
     got_in: dict[int, torch.Tensor] = {}
     got_out: dict[int, torch.Tensor] = {}
