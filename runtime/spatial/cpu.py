@@ -40,6 +40,11 @@ __all__ = ["POOL_MODES", "SpatialCPUExecutor", "release_workspace"]
 POOL_MODES = ("sum", "avg", "max")
 
 
+def _split(t: torch.Tensor, k_offsets) -> tuple[torch.Tensor, ...]:
+    """The rows of every offset of a pair-indexed ``t`` as views (one call, not one slice each)."""
+    return t.split([k_offsets[k + 1] - k_offsets[k] for k in range(len(k_offsets) - 1)])
+
+
 def _groups(k_offsets):
     for k in range(len(k_offsets) - 1):
         a, b = k_offsets[k], k_offsets[k + 1]
@@ -138,19 +143,20 @@ def _cuts(k_offsets, skip: int) -> list[tuple[int, int]]:
 
 
 def _gathered(src: torch.Tensor, idx: torch.Tensor, k_offsets, skip: int, slot: str):
-    """``(k, a, b, rows)`` for every non-empty offset ``k`` with ``rows = src[idx[a:b]]`` (``src``
+    """``(k, rows)`` for every non-empty offset ``k`` (pairs ``a:b``) with ``rows = src[idx[a:b]]`` (``src``
     itself for the identity offset ``skip``), in offset order, gathered into reused buffers."""
     pairs, cols = k_offsets[-1], src.shape[1]
     if pairs * cols <= _GATHER_ALL_MAX:
         buf = _WS.get(slot + "_all", pairs, cols, src)
         for a, b in _cuts(k_offsets, skip):
             torch.index_select(src, 0, idx[a:b], out=buf[a:b])
-        for k, a, b in _groups(k_offsets):
-            yield k, a, b, (src if k == skip else buf[a:b])
+        views = _split(buf, k_offsets)
+        for k, _, _ in _groups(k_offsets):
+            yield k, (src if k == skip else views[k])
         return
     buf = _WS.get(slot, _most(k_offsets, skip), cols, src)
     for k, a, b in _groups(k_offsets):
-        yield k, a, b, (src if k == skip else torch.index_select(src, 0, idx[a:b], out=buf[: b - a]))
+        yield k, (src if k == skip else torch.index_select(src, 0, idx[a:b], out=buf[: b - a]))
 
 
 class SpatialCPUExecutor:
@@ -190,8 +196,9 @@ class SpatialCPUExecutor:
         if bags is not None:
             # Every pair's product into one buffer, then one segmented sum per output row.
             prod = _WS.get("pairs", k_offsets[-1], cout, x)
-            for k, a, b, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
-                op(g, ws[k], out=prod[a:b])
+            prods = _split(prod, k_offsets)
+            for k, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+                op(g, ws[k], out=prods[k])
             return _segment_sum(prod, bags)
         if ident:
             y = (x * w[identity_k]) if depthwise else x @ w[identity_k]
@@ -201,9 +208,10 @@ class SpatialCPUExecutor:
         if self._all_at_once(x, k_offsets, x.shape[1], cout):
             # One index_add_ adds each row's products in pair order: the order of the loop below.
             prod = _WS.get("pairs", k_offsets[-1], cout, x)
-            for k, a, b, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+            prods = _split(prod, k_offsets)
+            for k, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
                 if k != skip:
-                    op(g, ws[k], out=prod[a:b])
+                    op(g, ws[k], out=prods[k])
             for a, b in _cuts(k_offsets, skip):
                 y.index_add_(0, out_idx[a:b], prod[a:b])
             return y
@@ -224,8 +232,9 @@ class SpatialCPUExecutor:
         bags = _bags(dy, in_idx, k_offsets, n_in, skip, cin)
         if bags is not None:
             prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            for k, a, b, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
-                op(g, ws[k], out=prod[a:b])
+            prods = _split(prod, k_offsets)
+            for k, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
+                op(g, ws[k], out=prods[k])
             return _segment_sum(prod, bags)
         if ident:
             dx = (dy * w[identity_k]) if depthwise else dy @ w[identity_k].T
@@ -234,9 +243,10 @@ class SpatialCPUExecutor:
             dx = dy.new_zeros(n_in, cin)
         if self._all_at_once(dy, k_offsets, dy.shape[1], cin):
             prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            for k, a, b, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
+            prods = _split(prod, k_offsets)
+            for k, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
                 if k != skip:
-                    op(g, ws[k], out=prod[a:b])
+                    op(g, ws[k], out=prods[k])
             for a, b in _cuts(k_offsets, skip):
                 dx.index_add_(0, in_idx[a:b], prod[a:b])
             return dx
@@ -258,7 +268,7 @@ class SpatialCPUExecutor:
         if self._all_at_once(x, k_offsets, x.shape[1], dy.shape[1]):
             gx = _gathered(x, in_idx, k_offsets, skip, "gather_b")
             gy = _gathered(dy, out_idx, k_offsets, skip, "gather_a")
-            pairs = ((k, xs, gs) for (k, _, _, xs), (_, _, _, gs) in zip(gx, gy))
+            pairs = ((k, xs, gs) for (k, xs), (_, gs) in zip(gx, gy))
         else:
             xbuf, gbuf = self._workspace(x, k_offsets, skip, x.shape[1], dy.shape[1])
             pairs = ((k, x, dy) if k == skip else
@@ -284,11 +294,12 @@ class SpatialCPUExecutor:
         bags = _bags(dy, in_idx, k_offsets, x.shape[0], skip, cin)
         if bags is not None or self._all_at_once(x, k_offsets, cin, dy.shape[1]):
             prod = _WS.get("pairs", k_offsets[-1], cin, dy)
+            prods = _split(prod, k_offsets)
             gy = _gathered(dy, out_idx, k_offsets, skip, "gather_a")
             gx = _gathered(x, in_idx, k_offsets, skip, "gather_b")
-            for (k, a, b, g), (_, _, _, xs) in zip(gy, gx):
+            for (k, g), (_, xs) in zip(gy, gx):
                 if bags is not None or k != skip:
-                    op(g, ws[k], out=prod[a:b])
+                    op(g, ws[k], out=prods[k])
                 if depthwise:
                     dw[k] = (xs * g).sum(0)
                 else:
