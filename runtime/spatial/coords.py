@@ -145,13 +145,8 @@ def kernel_offsets(
     return _kernel_offsets(region_type, kernel_size, dilation, tensor_stride, region_offsets)
 
 
-def _kernel_offsets(
-    region_type: str,
-    kernel_size: Sequence[int],
-    dilation: Sequence[int],
-    tensor_stride: Sequence[int],
-    region_offsets: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _kernel_offsets(region_type: str, kernel_size: Sequence[int], dilation: Sequence[int], tensor_stride: Sequence[int],
+                    region_offsets: torch.Tensor | None) -> torch.Tensor:
     d = len(kernel_size)
     step = torch.tensor([int(a) * int(b) for a, b in zip(dilation, tensor_stride)], dtype=torch.int64)
     if region_type == "hypercube":

@@ -186,77 +186,47 @@ class SpatialCPUExecutor:
         small maps: per-call overhead dominates) rather than offset by offset."""
         return x.device.type == "cpu" and k_offsets[-1] * max(cols) <= _GATHER_ALL_MAX
 
-    def conv_forward(self, x, w, in_idx, out_idx, k_offsets, n_out: int, identity_k: int, depthwise: bool):
-        cout = w.shape[-1]
-        ident = identity_k >= 0 and x.shape[0] == n_out
+    def _propagate(self, src, ws, gather_idx, scatter_idx, k_offsets, n: int, cols: int, identity_k: int,
+                   depthwise: bool):
+        """``out[scatter_k] += src[gather_k] @ ws[k]`` over the offsets, ``out [n, cols]``: the forward
+        (``x``, ``W``, in -> out) and the input gradient (``dy``, ``W^T``, out -> in)."""
+        ident = identity_k >= 0 and src.shape[0] == n
         skip = identity_k if ident else -1
-        ws = w.unbind(0)
         op = torch.mul if depthwise else torch.mm
-        bags = _bags(x, out_idx, k_offsets, n_out, skip, cout)
+        bags = _bags(src, scatter_idx, k_offsets, n, skip, cols)
         if bags is not None:
             # Every pair's product into one buffer, then one segmented sum per output row.
-            prod = _WS.get("pairs", k_offsets[-1], cout, x)
+            prod = _WS.get("pairs", k_offsets[-1], cols, src)
             prods = _split(prod, k_offsets)
-            for k, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+            for k, g in _gathered(src, gather_idx, k_offsets, skip, "gather_a"):
                 op(g, ws[k], out=prods[k])
             return _segment_sum(prod, bags)
-        if ident:
-            y = (x * w[identity_k]) if depthwise else x @ w[identity_k]
-            y = y.contiguous()
-        else:
-            y = x.new_zeros(n_out, cout)
-        if self._all_at_once(x, k_offsets, x.shape[1], cout):
+        out = op(src, ws[skip]).contiguous() if ident else src.new_zeros(n, cols)
+        if self._all_at_once(src, k_offsets, src.shape[1], cols):
             # One index_add_ adds each row's products in pair order: the order of the loop below.
-            prod = _WS.get("pairs", k_offsets[-1], cout, x)
+            prod = _WS.get("pairs", k_offsets[-1], cols, src)
             prods = _split(prod, k_offsets)
-            for k, g in _gathered(x, in_idx, k_offsets, skip, "gather_a"):
+            for k, g in _gathered(src, gather_idx, k_offsets, skip, "gather_a"):
                 if k != skip:
                     op(g, ws[k], out=prods[k])
             for a, b in _cuts(k_offsets, skip):
-                y.index_add_(0, out_idx[a:b], prod[a:b])
-            return y
-        gbuf, pbuf = self._workspace(x, k_offsets, skip, x.shape[1], cout)
+                out.index_add_(0, scatter_idx[a:b], prod[a:b])
+            return out
+        gbuf, pbuf = self._workspace(src, k_offsets, skip, src.shape[1], cols)
         for k, a, b in _groups(k_offsets):
             if k == skip:
                 continue
-            g = torch.index_select(x, 0, in_idx[a:b], out=gbuf[: b - a])
-            y.index_add_(0, out_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
-        return y
+            g = torch.index_select(src, 0, gather_idx[a:b], out=gbuf[: b - a])
+            out.index_add_(0, scatter_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
+        return out
+
+    def conv_forward(self, x, w, in_idx, out_idx, k_offsets, n_out: int, identity_k: int, depthwise: bool):
+        return self._propagate(x, w.unbind(0), in_idx, out_idx, k_offsets, n_out, w.shape[-1], identity_k, depthwise)
 
     def conv_dgrad(self, dy, w, in_idx, out_idx, k_offsets, n_in: int, identity_k: int, depthwise: bool):
         cin = w.shape[-1] if depthwise else w.shape[1]
-        ident = identity_k >= 0 and dy.shape[0] == n_in
-        skip = identity_k if ident else -1
         ws = w.unbind(0) if depthwise else w.transpose(1, 2).unbind(0)
-        op = torch.mul if depthwise else torch.mm
-        bags = _bags(dy, in_idx, k_offsets, n_in, skip, cin)
-        if bags is not None:
-            prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            prods = _split(prod, k_offsets)
-            for k, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
-                op(g, ws[k], out=prods[k])
-            return _segment_sum(prod, bags)
-        if ident:
-            dx = (dy * w[identity_k]) if depthwise else dy @ w[identity_k].T
-            dx = dx.contiguous()
-        else:
-            dx = dy.new_zeros(n_in, cin)
-        if self._all_at_once(dy, k_offsets, dy.shape[1], cin):
-            prod = _WS.get("pairs", k_offsets[-1], cin, dy)
-            prods = _split(prod, k_offsets)
-            for k, g in _gathered(dy, out_idx, k_offsets, skip, "gather_a"):
-                if k != skip:
-                    op(g, ws[k], out=prods[k])
-            for a, b in _cuts(k_offsets, skip):
-                dx.index_add_(0, in_idx[a:b], prod[a:b])
-            return dx
-        gbuf, pbuf = self._workspace(dy, k_offsets, skip, dy.shape[1], cin)
-        for k, a, b in _groups(k_offsets):
-            if k == skip:
-                continue
-            g = torch.index_select(dy, 0, out_idx[a:b], out=gbuf[: b - a])
-            dx.index_add_(0, in_idx[a:b], op(g, ws[k], out=pbuf[: b - a]))
-        return dx
+        return self._propagate(dy, ws, out_idx, in_idx, k_offsets, n_in, cin, identity_k, depthwise)
 
     def conv_wgrad(self, x, dy, in_idx, out_idx, k_offsets, identity_k: int, depthwise: bool):
         k_vol = len(k_offsets) - 1
