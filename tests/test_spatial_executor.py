@@ -8,7 +8,10 @@ Properties:
   (with gathers all at once and offset by offset), float32 and float64, dense and channel-wise, on same-map,
   strided, transposed and generative maps; a map with a row twice in one offset (pooling)
   falls back to the scatter;
-* results never alias the executor's reused workspace.
+* results never alias the executor's reused workspace;
+* a float32 weight gradient over a map of 4097..65536 points (whose pairs within an offset
+  are in row order since queries are no longer sorted by key there) is within the
+  worst-case float32 summation bound of the float64 result.
 
 Exact equality (not a tolerance) is the claim: every path adds the same products in the
 same order (the identity product first, then offset by offset; one ``index_add_`` over
@@ -17,11 +20,13 @@ all pairs adds each row's products in pair order).
 
 from __future__ import annotations
 
+import pytest
 import sparsify.runtime.spatial.cpu as cpu
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from sparsify.runtime.spatial import CoordinateManager, kernel_offsets
+from sparsify.runtime.spatial import coords as coords_mod
 from sparsify.runtime.spatial.coords import pair_bags
 
 from tests.test_spatial_maps import _coords
@@ -120,3 +125,32 @@ def test_results_do_not_alias_the_workspace(monkeypatch):
     assert torch.equal(y1, keep)
     cpu.release_workspace()
     assert torch.equal(y1, keep) and dx.shape == x.shape and dw.shape == w.shape
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_weight_gradient_of_a_mid_size_map_is_within_the_float32_summation_bound(seed):
+    # Maps of 4097..65536 out points are no longer queried in key order (see coords._KEY_ORDER_MIN),
+    # so their pairs within an offset come in row order and a float32 weight gradient (a sum over
+    # the offset's pairs) may round differently than before.  It must stay within the worst-case
+    # bound of a float32 sum of m products against the float64 result: |err| <= (m + 2) u sum|x g|,
+    # u = 2^-24 (one rounding per product and per addition; the float64 result is exact to ~1e-16).
+    c = _coords(3, 7000, 24, 1, seed)
+    assert 4096 < c.shape[0] <= coords_mod._KEY_ORDER_MIN
+    cm = CoordinateManager(D=3)
+    key, _ = cm.insert_and_map(c, 1)
+    km = cm.kernel_map(key, key, 3)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(km.n_in, 8, generator=g)
+    dy = torch.randn(km.n_out, 6, generator=g)
+    w = torch.randn(km.volume, 8, 6, generator=g)
+    ex = cpu.SpatialCPUExecutor()
+    args = (km.in_idx, km.out_idx, list(km.k_offsets), km.identity_k, False)
+    _, dw32 = ex.conv_backward(x, dy, w, *args)
+    dw64 = ex.conv_wgrad(x.double(), dy.double(), *args)
+    u = 2.0 ** -24
+    for k in range(km.volume):
+        a, b = km.k_offsets[k], km.k_offsets[k + 1]
+        xs, gs = x.double()[km.in_idx[a:b]], dy.double()[km.out_idx[a:b]]
+        bound = (b - a + 2) * u * (xs.abs().T @ gs.abs())
+        assert bool(((dw32[k].double() - dw64[k]).abs() <= bound).all()), f"offset {k}"
+        assert torch.allclose(dw64[k], xs.T @ gs, rtol=1e-12, atol=1e-12)
