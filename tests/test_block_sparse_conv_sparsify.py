@@ -108,3 +108,17 @@ def test_bad_options_are_refused_first(kw, match):
     with pytest.raises(ValueError, match=match):
         sparsify.sparsify(model, method="block_sparse", **kw)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_rule_draws_a_layout_and_pattern_is_the_rules_glob():
+    """``layout=`` is a method option a rule can carry (its ``pattern`` is the name glob);
+    ``pattern=`` as a method option is refused with a hint naming ``layout=``."""
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
+    conv = sparsify.sparsify(model, method="block_sparse", density=0.25, block_size=16, min_size=0,
+                             rules=[sparsify.Rule("0", layout="small_world", init="fresh", seed=3)])
+    rows = {d.name: d for d in conv._sparsify_plan.decisions}
+    assert rows["0"].result["layout"] == "small_world" and rows["0"].params["layout"] == "small_world"
+    assert "layout" not in rows["2"].params  # the default (magnitude) is not spelled out
+    assert "small_world fresh" in str(sparsify.report(conv))
+    with pytest.raises(ValueError, match="unknown option 'pattern'.*layout="):
+        sparsify.sparsify(model, method="block_sparse", pattern="small_world")
