@@ -184,7 +184,7 @@ def bench_bsmm(
             med = {name: statistics.median(v) for name, v in t.items()}
             best = min(med["dense"], med["torch_bsr"])
             row = {"density": density, "M": m, "nnz_blocks": layout.nnz,
-                   "path": cpu_executor.choose_path(m, layout.density, dtype),
+                   "path": cpu_executor.choose_path(m, layout.density, dtype, w.numel()),
                    "median_ms": {name: round(v * 1e3, 4) for name, v in med.items()},
                    "ratio_vs_dense": round(med["ours"] / med["dense"], 3),
                    "ratio_vs_torch_bsr": round(med["ours"] / med["torch_bsr"], 3),

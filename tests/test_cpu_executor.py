@@ -150,10 +150,11 @@ def test_every_path_gradients_equal_dense_autograd(path, problem):
     density=st.floats(0.0, 1.0),
     dtype=st.sampled_from((torch.bfloat16, torch.float16)),
     forced=st.sampled_from((None, *cpu.PATHS)),
+    elems=st.one_of(st.none(), st.integers(1, 1 << 26)),
 )
-def test_choose_path_never_sends_unsupported_dtypes_to_bsr(rows, density, dtype, forced):
+def test_choose_path_never_sends_unsupported_dtypes_to_bsr(rows, density, dtype, forced, elems):
     mp = pytest.MonkeyPatch()
-    path = _run(forced or "auto", mp, lambda: cpu.choose_path(rows, density, dtype))
+    path = _run(forced or "auto", mp, lambda: cpu.choose_path(rows, density, dtype, elems))
     assert path in cpu.PATHS and path != "bsr"
 
 

@@ -61,6 +61,16 @@ GATHER_MAX_DENSITY = 0.075
 BSR_FEW_ROWS = 256
 BSR_MAX_DENSITY_FEW_ROWS = 0.3
 BSR_MAX_DENSITY = 0.175
+# Small weights (at most SMALL_WEIGHT elements: the projections of BERT / GPT-2-sized models,
+# 768-3072 wide) behave differently: torch's BSR kernel rarely beats the dense GEMM there,
+# while the gathered batched matmul does at low density for any number of rows.  Fitted to
+# 1- and 2-thread grids over 768x2304, 768x3072, 3072x768 (2.4M elements) against 4096x4096
+# (16.8M, the rules above); sizes in between were not measured (docs/benchmarks.md).
+SMALL_WEIGHT = 4 << 20
+SMALL_GATHER_ROWS = 256
+SMALL_GATHER_DENSITY = 0.175
+SMALL_GATHER_FEW_ROWS = 64
+SMALL_GATHER_FEW_ROWS_DENSITY = 0.3
 # Kept for callers of the first version: the density above which dW is
 # computed as one dense product and its stored blocks picked out.
 DENSE_ABOVE_DENSITY = 0.3
@@ -97,8 +107,9 @@ def _density(meta, n_block_rows: int, n_block_cols: int) -> float:
     return meta.col_indices.numel() / max(1, n_block_rows * n_block_cols)
 
 
-def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
-    """The cost model: the fastest path for ``rows`` rows of input at block ``density``.
+def choose_path(rows: int, density: float, dtype: torch.dtype, weight_elems: int | None = None) -> str:
+    """The cost model: the fastest path for ``rows`` rows of input at block ``density``
+    (``weight_elems``: the dense weight's element count, where the caller knows it).
 
     ``SPARSIFY_CPU_PATH=dense|bsr|gather`` overrides it (``bsr`` falls back to
     ``dense`` for dtypes torch's CPU BSR matmul does not take).
@@ -110,6 +121,10 @@ def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
         'bsr'
         >>> choose_path(1024, 0.05, torch.bfloat16)  # no CPU BSR for bf16
         'dense'
+        >>> choose_path(1024, 0.1, torch.float32, weight_elems=768 * 3072)  # a small weight
+        'dense'
+        >>> choose_path(128, 0.1, torch.float32, weight_elems=768 * 3072)
+        'gather'
     """
     bsr_ok = dtype in _BSR_DTYPES
     forced = os.environ.get("SPARSIFY_CPU_PATH")
@@ -119,6 +134,11 @@ def choose_path(rows: int, density: float, dtype: torch.dtype) -> str:
         return "dense" if forced == "bsr" and not bsr_ok else forced
     if rows <= GATHER_FEW_ROWS and density < GATHER_FEW_ROWS_DENSITY:
         return "gather"
+    if weight_elems is not None and weight_elems <= SMALL_WEIGHT:
+        if (density < GATHER_MAX_DENSITY or (rows <= SMALL_GATHER_ROWS and density < SMALL_GATHER_DENSITY)
+                or (rows <= SMALL_GATHER_FEW_ROWS and density < SMALL_GATHER_FEW_ROWS_DENSITY)):
+            return "gather"
+        return "dense"
     if rows <= GATHER_MAX_ROWS and density < GATHER_MAX_DENSITY:
         return "gather"
     if not bsr_ok:
@@ -250,7 +270,7 @@ class CPUExecutor:
         nnz, b, _ = values.shape
         nbr = meta.row_offsets.numel() - 1
         nbc = -(-k // b)
-        path = choose_path(m, _density(meta, nbr, nbc), x.dtype)
+        path = choose_path(m, _density(meta, nbr, nbc), x.dtype, out_features * k)
         if path == "dense":
             wt = dense_weight(values, meta, (out_features, k), static_weight).T
             if bias is not None and bias.dtype == x.dtype:
