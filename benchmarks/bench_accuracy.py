@@ -32,7 +32,6 @@ threads, load average, every cell).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                 order = order[1:] + order[:1]  # rotate, so no contender always runs first
                 for name in order:
                     t = time.perf_counter()
-                    models[name](x).logits
+                    _ = models[name](x).logits
                     if r >= 2:
                         times[name].append(time.perf_counter() - t)
         base = statistics.median(times["dense"])

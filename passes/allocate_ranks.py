@@ -60,8 +60,6 @@ import math
 from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from .. import decompose

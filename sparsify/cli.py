@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import inspect as _inspect
 import json
 import math

@@ -105,7 +105,7 @@ def test_fresh_patterns_share_one_graph_across_the_four_gates(pattern):
     lays = lstm_layouts(48, 128, num_layers=2, bidirectional=True, block_size=16, density=0.25, pattern=pattern,
                         seed=7)
     assert len(lays) == 4
-    for ih, hh in lays:
+    for _ih, hh in lays:
         mask = hh.block_mask()
         gate = mask[:8]
         assert all(torch.equal(mask[8 * g: 8 * (g + 1)], gate) for g in range(4))

@@ -262,7 +262,6 @@ def test_a_full_disk_is_found_before_the_conversion(tmp_path, capsys, monkeypatc
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "o"
-    t0 = __import__("time").monotonic()
     expect_bad(capsys, out, "convert", f"{ZOO}:slow_mlp", "-o", out, "--factory-args", '{"seconds": 0}',
                match="MiB free")
     assert capsys.readouterr().out == ""  # no report printed: nothing was converted

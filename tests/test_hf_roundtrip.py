@@ -12,7 +12,6 @@ as transformers does.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
