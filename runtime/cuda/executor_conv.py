@@ -107,21 +107,11 @@ def _kernel_runtime_class():
         """KernelRuntime for the bsconv programs (compile, load, launch on the torch stream)."""
 
         def kernel(self, spec: ConvKernelSpec):
-            k = self._kernels.get(spec.name)
-            if k is not None:
-                return k
-            prog = program_for(spec.block)
-            compiled = compiler.compile_source(prog.name, prog.source(), self.arch, self.target)
-            with self._lock, torch.cuda.device(self.index):
-                self._make_current()
-                mod = self._modules.get(compiled.key)
-                if mod is None:
-                    load = self._ObjectCode.from_cubin if compiled.target == "cubin" else self._ObjectCode.from_ptx
-                    mod = load(compiled.binary, name=prog.name)
-                    self._modules[compiled.key] = mod
-                k = mod.get_kernel(spec.name)
-                self._kernels[spec.name] = k
-            return k
+            def build():
+                prog = program_for(spec.block)
+                return prog.name, compiler.compile_source(prog.name, prog.source(), self.arch, self.target)
+
+            return self.load_kernel(spec.name, build)
 
     return ConvKernelRuntime
 

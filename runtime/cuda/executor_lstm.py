@@ -69,20 +69,11 @@ def _kernel_runtime_class():
 
     class GateKernelRuntime(KernelRuntime):
         def kernel(self, spec: GateKernelSpec):
-            k = self._kernels.get(spec.name)
-            if k is not None:
-                return k
-            compiled = compiler.compile_source(PROGRAM.name, PROGRAM.source(), self.arch, self.target)
-            with self._lock, torch.cuda.device(self.index):
-                self._make_current()
-                mod = self._modules.get(compiled.key)
-                if mod is None:
-                    load = self._ObjectCode.from_cubin if compiled.target == "cubin" else self._ObjectCode.from_ptx
-                    mod = load(compiled.binary, name=PROGRAM.name)
-                    self._modules[compiled.key] = mod
-                k = mod.get_kernel(spec.name)
-                self._kernels[spec.name] = k
-            return k
+            def build():
+                prog = PROGRAM
+                return prog.name, compiler.compile_source(prog.name, prog.source(), self.arch, self.target)
+
+            return self.load_kernel(spec.name, build)
 
     return GateKernelRuntime
 

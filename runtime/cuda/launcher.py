@@ -141,20 +141,29 @@ class KernelRuntime:
 
     def kernel(self, spec: kernels.KernelSpec):
         """The loaded kernel for ``spec`` (compiling its program on first use)."""
-        k = self._kernels.get(spec.name)
+        def build():
+            prog_spec = kernels.program_for(spec.math, spec.block)
+            return prog_spec.name, compiler.compile_program(prog_spec, self.arch, self.target)
+
+        return self.load_kernel(spec.name, build)
+
+    def load_kernel(self, name: str, build):
+        """The loaded kernel ``name``, cached by name; on first use ``build() -> (program name,
+        compiled program)`` compiles its program, whose module is loaded once per compiled key.
+        Every kernel family's runtime (bsmm, bsconv, LSTM gates, spatial) loads through here."""
+        k = self._kernels.get(name)
         if k is not None:
             return k
-        prog_spec = kernels.program_for(spec.math, spec.block)
-        compiled = compiler.compile_program(prog_spec, self.arch, self.target)
+        prog_name, compiled = build()
         with self._lock, torch.cuda.device(self.index):
             self._make_current()
             mod = self._modules.get(compiled.key)
             if mod is None:
                 load = self._ObjectCode.from_cubin if compiled.target == "cubin" else self._ObjectCode.from_ptx
-                mod = load(compiled.binary, name=prog_spec.name)
+                mod = load(compiled.binary, name=prog_name)
                 self._modules[compiled.key] = mod
-            k = mod.get_kernel(spec.name)
-            self._kernels[spec.name] = k
+            k = mod.get_kernel(name)
+            self._kernels[name] = k
         return k
 
     def empty(self, *shape: int, dtype: torch.dtype) -> torch.Tensor:
