@@ -22,7 +22,7 @@ from .costs import dense_flops
 from .infra import PassContext, PassResult
 from .sites import find_sites, linear_like
 
-__all__ = ["annotate_shapes", "run_example"]
+__all__ = ["annotate_shapes", "fill_decisions", "run_example"]
 
 
 def _shape(meta) -> tuple[int, ...] | None:
@@ -123,16 +123,20 @@ def annotate_shapes(module: nn.Module, ctx: PassContext) -> PassResult:
     finally:
         for h in handles:
             h.remove()
-    if ctx.plan is not None:
-        for d in ctx.plan.decisions:
-            if not d.site:
-                continue
-            in_shape, out_shape = ctx.shapes.get(d.node or d.name, (None, None))
-            d.input_shape = in_shape
-            layer_type = "Linear" if linear_like(d.layer_type) else d.layer_type
-            d.flops_before = dense_flops(layer_type, d.weight_shape, in_shape, out_shape)
-            d.flops_after = d.flops_before
+    fill_decisions(ctx)
     return PassResult(module, False)
+
+
+def fill_decisions(ctx: PassContext) -> None:
+    """Each site decision's input shape and dense FLOPs, from the shapes in ``ctx.shapes``."""
+    for d in ctx.plan.decisions if ctx.plan is not None else ():
+        if not d.site:
+            continue
+        in_shape, out_shape = ctx.shapes.get(d.node or d.name, (None, None))
+        d.input_shape = in_shape
+        layer_type = "Linear" if linear_like(d.layer_type) else d.layer_type
+        d.flops_before = dense_flops(layer_type, d.weight_shape, in_shape, out_shape)
+        d.flops_after = d.flops_before
 
 
 def _functional_shape(site, ctx: PassContext) -> None:

@@ -369,23 +369,15 @@ def _restricted_planner(allowed: set[tuple[str, str | None]]) -> Callable:
 def _replayed_shapes(sp: StreamPlan) -> Callable:
     """A pass in annotate_shapes' place: the shapes measured once on the skeleton, and the decisions'
     shapes and dense FLOPs filled from them as annotate_shapes fills them."""
-    from .passes.costs import dense_flops
+    from .passes.annotate_shapes import fill_decisions
     from .passes.infra import PassResult
-    from .passes.sites import linear_like
 
     def annotate_shapes(module, ctx):
         if not ctx.example_inputs and not ctx.example_kwargs:
             return PassResult(module, False)
         ctx.shapes.update(sp.shapes)
         ctx.calls.update(sp.calls)
-        for d in ctx.plan.decisions if ctx.plan is not None else ():
-            if not d.site:
-                continue
-            in_shape, out_shape = ctx.shapes.get(d.node or d.name, (None, None))
-            d.input_shape = in_shape
-            layer_type = "Linear" if linear_like(d.layer_type) else d.layer_type
-            d.flops_before = dense_flops(layer_type, d.weight_shape, in_shape, out_shape)
-            d.flops_after = d.flops_before
+        fill_decisions(ctx)
         return PassResult(module, False)
 
     return annotate_shapes
