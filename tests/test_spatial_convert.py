@@ -55,7 +55,9 @@ def read(dense, y):
     ts = torch.tensor(y.tensor_stride)
     idx = (y.C[:, 1:] // ts).long()
     inside = (idx < torch.tensor(dense.shape[2:])).all(1)
-    assert inside.float().mean() > 0.5 or len(y) < 4
+    # never vacuous; no fixed fraction: with an odd extent and stride 2 the last slice of windows
+    # has no dense output in each axis (8 of 27 sites covered for a 5^3 grid)
+    assert bool(inside.any())
     idx, b = idx[inside], y.C[inside, 0].long()
     return dense.movedim(1, -1)[(b, *idx.unbind(1))], y.F[inside]
 
