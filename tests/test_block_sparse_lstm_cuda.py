@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("cuda.core", reason="cuda-python is not installed (pip install -e '.[cuda]')")
 emulator = pytest.importorskip("sparsify.runtime.emulator")
@@ -27,8 +26,9 @@ from sparsify.runtime.cuda import executor_lstm as el  # noqa: E402
 from sparsify.runtime.cuda.cache import DiskCache  # noqa: E402
 from sparsify.runtime.emulator import EmulatedKernelRuntime  # noqa: E402
 
+from tests.kernel_cases import GATE_CASES, check_gates  # noqa: E402
+
 pytestmark = pytest.mark.xdist_group("nvrtc")
-HALF_ULP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 0.0}
 _GATES = el.LSTMGateKernels(EmulatedKernelRuntime(header="lstm_gates.cuh"))
 
 
@@ -41,29 +41,10 @@ def test_gate_kernels_compile_without_spills(tmp_path, arch):
         assert res.registers * spec.threads <= 65536
 
 
-def _close(got, ref, dtype):
-    got, ref = got.double(), ref.double()
-    assert not torch.isnan(got).any()
-    assert bool(((got - ref).abs() <= 1e-5 + HALF_ULP[dtype] * ref.abs()).all()), float((got - ref).abs().max())
-
-
 @settings(max_examples=5, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), n=st.integers(1, 5),
-       hid=st.integers(1, 40), seed=st.integers(0, 1000))
+@given(**GATE_CASES)
 def test_gate_kernels_equal_the_torch_gate_math(dtype, n, hid, seed):
-    g = torch.Generator().manual_seed(seed)
-    pre = (2 * torch.randn(n, 4 * hid, generator=g, dtype=torch.float64)).to(dtype)
-    c_prev = torch.randn(n, hid, generator=g, dtype=torch.float64).to(dtype)
-    h, c, act = _GATES.forward(pre, c_prev)
-    h_ref, c_ref, act_ref = ops_lstm.lstm_gates_cpu.forward(pre.double().clone(), c_prev.double())
-    for got, ref in ((h, h_ref), (c, c_ref), (act, act_ref)):
-        _close(got, ref, dtype)
-    dh, dc = (torch.randn(n, hid, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
-    dpre, dc_prev = _GATES.backward(dh, dc, act, c, c_prev)
-    dpre_ref, dcp_ref = ops_lstm.lstm_gates_cpu.backward(dh.double(), dc.double(), act.double(), c.double(),
-                                                         c_prev.double())
-    _close(dpre, dpre_ref, dtype)
-    _close(dc_prev, dcp_ref, dtype)
+    check_gates(_GATES, "cpu", dtype, n, hid, seed)
 
 
 def test_the_recurrence_with_the_gate_kernels_equals_nn_lstm(monkeypatch):
