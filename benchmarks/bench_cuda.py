@@ -190,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     peak, bw = _roofline(name, args.peak_tflops and args.peak_tflops * 1e12, args.bandwidth_tbs and args.bandwidth_tbs * 1e12)
     timer = Timer(device, args.warmup, args.runs)
     rows = []
+    result = {
+        "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": os.environ.get("SPARSIFY_COMMIT") or _commit(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "peak_flops": peak, "bandwidth_bytes_s": bw,
+        "warmup": args.warmup, "runs": args.runs, "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write() -> None:  # after every row: a run stopped at its time limit keeps what it measured
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.out)
+
     print_row(None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's "BSR support is in beta"
@@ -200,16 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                     for m in map(int, args.m.split(",")):
                         rows.append(bench_case(dtype, block, density, m, args.k, args.n, device, timer, peak, bw))
                         print_row(rows[-1])
-    result = {
-        "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "torch": torch.__version__, "peak_flops": peak, "bandwidth_bytes_s": bw,
-        "warmup": args.warmup, "runs": args.runs, "rows": rows,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+                        write()
+    write()
     print(f"\nwrote {args.out} ({len(rows)} rows, {name}, commit {result['commit'][:10]})")
     return 0
 

@@ -7,7 +7,8 @@
   compiles at load time.
 * Headers: ``cuda_src/`` (package data) and the CUDA headers (cuda_fp16.h,
   cuda_bf16.h and what they include) found with ``cuda.pathfinder`` in the pip
-  wheels of the ``cuda`` extra, a conda environment or a CUDA toolkit.
+  wheels of the ``cuda`` extra, a conda environment or a CUDA toolkit, or in
+  ``$SPARSIFY_CUDA_INCLUDE`` when set (checked to hold cuda_fp16.h).
 * The cache key hashes the source and every header it reaches, the options,
   the arch, the NVRTC version and the sparsify version.  Results are memoized
   in-process and stored in the :class:`~.cache.DiskCache`.
@@ -183,6 +184,14 @@ def arch_for(compute_capability: tuple[int, int], *, arch_specific: bool = False
 # ------------------------------------------------------------------- headers
 @cache
 def _cuda_include_dir() -> str:
+    override = os.environ.get("SPARSIFY_CUDA_INCLUDE")
+    if override:  # a toolkit whose headers pathfinder does not find first (e.g. /usr/local/cuda/include)
+        if not (Path(override) / "cuda_fp16.h").is_file():
+            raise CUDAUnavailableError(
+                f"SPARSIFY_CUDA_INCLUDE={override!r} has no cuda_fp16.h: point it at a CUDA include directory "
+                "(the one holding cuda_fp16.h and cuda_bf16.h) or unset it to use cuda.pathfinder's."
+            )
+        return str(Path(override))
     try:
         from cuda import pathfinder
     except ImportError as exc:
