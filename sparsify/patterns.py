@@ -95,7 +95,7 @@ def magnitude_layout(weight: torch.Tensor, *, density: float, block_size: int) -
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1]. Got {density}.")
-    norms = block_norms(weight, block_size)
+    norms = block_norms(weight, block_size).cpu()  # a layout lives on the CPU, whatever the weight's device
     nbr, nbc = norms.shape
     k = target_blocks(nbr, nbc, density)
     mask = torch.zeros(nbr, nbc, dtype=torch.bool)

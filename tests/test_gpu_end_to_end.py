@@ -78,3 +78,23 @@ def test_converted_model_runs_on_the_kernels_and_trains(dtype):
     from sparsify.runtime.executors import executor_for
 
     assert executor_for(torch.device("cuda")).name != "cpu"
+
+
+@pytest.mark.parametrize("method", ["block_sparse", "low_rank"])
+def test_a_model_on_the_gpu_converts_there(method):
+    """``sparsify()`` of a model whose weights are on the GPU: layouts and factors are computed from
+    device tensors (no CPU/GPU mix-up) and the result stays on the device and matches densify."""
+    torch.manual_seed(0)
+    model = Net().eval().cuda()
+    x = torch.randn(2, 64, 6, 6, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        budget = dict(density=0.5, block_size=32) if method == "block_sparse" else dict(rank=0.25)
+        sparse = sparsify.sparsify(model, method=method, min_size=1, example_inputs=(x,), **budget)
+    assert all(p.device.type == "cuda" for p in sparse.parameters())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        y = sparse(x)
+        ref = sparsify.densify(copy.deepcopy(sparse)).double()(x.double())
+    assert rel_err(y, ref) < TOL[torch.float32]

@@ -64,6 +64,14 @@ _KEY_ORDER_MIN = 1 << 16
 _INT64_SAFE = 1 << 62
 
 
+
+def _dot(rel: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+    """``rel @ mult`` for int64 ``[n, D] x [D]``: elementwise and summed, because CUDA has no integer
+    matmul (``addmv_impl_cuda`` is not implemented for Long; found on an H200, which the CPU
+    emulator of the kernels cannot see: this is torch code around them)."""
+    return (rel * mult).sum(-1)
+
+
 def index_dtype(device: torch.device) -> torch.dtype:
     """The dtype of kernel-map indices on ``device``: int32 on CUDA (what the kernels read),
     int64 on the CPU (torch's CPU ``index_add_`` is several times slower with int32).
@@ -226,7 +234,7 @@ class CoordinateIndex:
         rel = c - lo
         if any(t != 1 for t in ts):
             rel = rel // step
-        keys = rel @ mult if n else torch.zeros(0, dtype=torch.int64, device=c.device)
+        keys = _dot(rel, mult) if n else torch.zeros(0, dtype=torch.int64, device=c.device)
         return lo, step, hi, mult, acc, keys
 
     @staticmethod
@@ -412,7 +420,7 @@ def unique_coordinates(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
             mult_l.append(acc)
             acc *= e
         mult = torch.tensor(list(reversed(mult_l)), dtype=torch.int64, device=c.device)
-        keys = (c - lo) @ mult
+        keys = _dot(c - lo, mult)
         sorted_keys, _ = torch.sort(keys)
         if not bool((sorted_keys[1:] == sorted_keys[:-1]).any()):  # already unique: the common case
             r = torch.arange(n, device=c.device)
@@ -627,7 +635,7 @@ def build_kernel_map(in_map: CoordinateMap, out_map: CoordinateMap, offsets: tor
             near &= (rel % index.step == 0).all(1)
         rows_near = torch.nonzero(near).squeeze(1).to(itype)
         rel = rel.index_select(0, rows_near)
-    base = (rel if unit else rel // index.step) @ index.mult if rel.shape[0] else rel.new_zeros(0)
+    base = _dot(rel if unit else rel // index.step, index.mult) if rel.shape[0] else rel.new_zeros(0)
     if hash_free_device(dev) and base.shape[0] > _KEY_ORDER_MIN:
         # Query in key order: the table reads then walk memory forward instead of jumping;
         # pairs stay grouped by offset.  Keys below 2^31 sort as int32 (twice as fast).
