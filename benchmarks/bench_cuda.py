@@ -48,9 +48,9 @@ def _roofline(device_name: str, peak: float | None, bw: float | None) -> tuple[f
 class Timer:
     """Median time per call in seconds: CUDA events on a GPU, perf_counter on the CPU."""
 
-    def __init__(self, device: torch.device, warmup: int, runs: int) -> None:
+    def __init__(self, device: torch.device, warmup: int, runs: int, graphs: bool = False) -> None:
         self.cuda = device.type == "cuda"
-        self.warmup, self.runs = warmup, runs
+        self.warmup, self.runs, self.graphs = warmup, runs, graphs
 
     def __call__(self, fn) -> float:
         for _ in range(self.warmup):
@@ -71,6 +71,38 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t)
         return statistics.median(times)
+
+    def graph(self, fn, reps: int = 20) -> float | None:
+        """Median time per call of ``fn`` replayed from a CUDA graph of ``reps`` calls: the device
+        time without the host's per-call cost (how CUDA-graph inference runs it).  None where
+        the op cannot be captured."""
+        if not self.cuda:
+            return None
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    fn()
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(max(5, self.runs // 5))]
+            for start, end in pairs:
+                start.record()
+                g.replay()
+                end.record()
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs) / reps
+        except Exception as exc:  # noqa: BLE001 - a benchmark row records what could not be captured
+            print(f"  (no graph timing: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+            return None
 
 
 def _layout(n: int, k: int, block: int, density: float, seed: int) -> BlockSparseLayout:
@@ -115,6 +147,17 @@ def bench_case(dtype, block, density, m, k, n, device, timer, peak, bw, seed=0) 
     row["ours_dx_s"] = timer(lambda: ex.grad_input(dy, values, meta, k))
     row["ours_dw_s"] = timer(lambda: ex.grad_weight(dy, x, meta, block))
 
+    if timer.graphs:
+        row["dense_fwd_graph_s"] = timer.graph(lambda: x @ w_dev.T)
+        row["ours_fwd_graph_s"] = timer.graph(lambda: ex.forward(x, values, meta, None, None, "none", n))
+        row["ours_dx_graph_s"] = timer.graph(lambda: ex.grad_input(dy, values, meta, k))
+        row["ours_dw_graph_s"] = timer.graph(lambda: ex.grad_weight(dy, x, meta, block))
+        row["dense_dx_graph_s"] = timer.graph(lambda: dy @ w_dev)
+        row["dense_dw_graph_s"] = timer.graph(lambda: dy.T @ x)
+        for op in ("fwd", "dx", "dw"):
+            a, b = row[f"dense_{op}_graph_s"], row[f"ours_{op}_graph_s"]
+            row[f"ours_{op}_graph_vs_dense"] = a / b if a and b else None
+
     y = ex.forward(x, values, meta, None, None, "none", n).double()
     ref = (x.double() @ w_dev.double().T)
     row["fwd_rel_err"] = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -139,7 +182,8 @@ def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ("dtype", "b", "dens", "M", "fwd TF/s", "x dense", "x bsr", "roof", "dx x dense", "dw x dense", "err")
+HEADER = ("dtype", "b", "dens", "M", "fwd TF/s", "x dense", "x bsr", "roof", "dx x dense", "dw x dense", "err",
+          "graph us", "g x dense")
 
 
 def print_row(r: dict | None) -> None:
@@ -151,6 +195,7 @@ def print_row(r: dict | None) -> None:
         r["dtype"], r["block"], _fmt(r["density"], ".3f"), r["M"], _fmt(r["ours_fwd_tflops"]),
         _fmt(r["ours_fwd_vs_dense"]), _fmt(r.get("ours_fwd_vs_torch_bsr")), _fmt(r["ours_fwd_roofline_frac"]),
         _fmt(r["ours_dx_vs_dense"]), _fmt(r["ours_dw_vs_dense"]), _fmt(r["fwd_rel_err"], ".1e"),
+        _fmt(r.get("ours_fwd_graph_s") and r["ours_fwd_graph_s"] * 1e6, ".1f"), _fmt(r.get("ours_fwd_graph_vs_dense")),
     )), flush=True)
 
 
@@ -177,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the dense peak for the roofline")
     ap.add_argument("--bandwidth-tbs", type=float, default=None, help="override the memory bandwidth (TB/s)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few runs (smoke test)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each op replayed from a CUDA graph (device time without host overhead)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -188,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         args.m, args.warmup, args.runs = "64,1", 1, 3
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, bw = _roofline(name, args.peak_tflops and args.peak_tflops * 1e12, args.bandwidth_tbs and args.bandwidth_tbs * 1e12)
-    timer = Timer(device, args.warmup, args.runs)
+    timer = Timer(device, args.warmup, args.runs, args.graphs)
     rows = []
     result = {
         "device": name, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
