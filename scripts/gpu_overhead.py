@@ -40,7 +40,7 @@ def main() -> int:
     from sparsify.runtime.cuda.executor import CUDAExecutor
     from sparsify.runtime.layout import BlockSparseLayout
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     ex = CUDAExecutor(dev)
     g = torch.Generator().manual_seed(0)
     mask = torch.zeros(128 * 128, dtype=torch.bool)
@@ -79,13 +79,25 @@ def main() -> int:
         "torch.cuda.device guard": guard,
         "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream(0).cuda_stream,
         "LaunchConfig(...)": lambda: rt._LaunchConfig(grid=grid, block=(spec.threads, 1, 1)),
-        "10 operand checks": lambda: [launcher.check_operand("op", "x", x, dev, (x.dtype,)) for _ in range(10)],
+        "10 operand checks": lambda: [launcher.check_operand("op", "x", x, x.device, (x.dtype,)) for _ in range(10)],
+        "torch.empty(1, 4096) on the device": lambda: torch.empty(1, 4096, device=dev, dtype=torch.float16),
     }
     out = {}
     print(f"{'host time per call':45} us")
     for name, fn in rows.items():
         out[name] = per_call(fn)
         print(f"{name:45} {out[name] * 1e6:7.1f}")
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(3000):
+        ex.forward(x, vals, meta, None, None, "none", 4096)
+    prof.disable()
+    torch.cuda.synchronize()
+    print("\nCUDAExecutor.forward x 3000 under cProfile (internal time):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "us_per_call":
               {k: v * 1e6 for k, v in out.items()}, "spec": spec.name, "grid": list(grid)}
     with open(sys.argv[1], "w") as f:
