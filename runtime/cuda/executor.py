@@ -44,6 +44,8 @@ class _Plan:
     t_order: torch.Tensor  # int32 [n_block_cols], for dX
     _key: str | None = field(default=None, repr=False)
     meta: object = field(default=None, repr=False)
+    #: kernel choices made for this layout, by (op, math, block, M class, ..., autotune on)
+    choices: dict = field(default_factory=dict, repr=False)
 
     @property
     def key(self) -> str:
@@ -117,13 +119,26 @@ class CUDAExecutor:
         return math_
 
     def _pick(self, op: str, math_: str, block: int, m: int, plan: _Plan, extra: str, run) -> kernels.KernelSpec:
-        if op in self.forced:
+        if self.forced and op in self.forced:
             return kernels.program_for(math_, block).kernel(self.forced[op])
+        tuned = autotune_enabled()
+        # A choice is fixed once made (tuned or heuristic), so later calls in the same class skip
+        # the candidate lists, the key string and the tuner: host time is the op's time at small M.
+        memo_key = (op, math_, block, m_bucket(m) if tuned else m, extra, tuned)
+        hit = plan.choices.get(memo_key)
+        if hit is not None:
+            return hit
         heur = kernels.heuristic(op, math_, block, m)
         cands = kernels.candidates(op, math_, block, m)
-        if len(cands) <= 1 or not autotune_enabled():
-            return heur  # (and no layout hash, so no device-to-host copy)
-        return self.tuner.choose(f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}", cands, run, heur)
+        if len(cands) <= 1 or not tuned:
+            spec = heur  # (and no layout hash, so no device-to-host copy)
+        else:
+            spec = self.tuner.choose(f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}", cands, run, heur)
+            if spec is heur and not self.tuner.lookup(
+                    f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}"):
+                return spec  # not tuned yet (e.g. under graph capture): ask again next time
+        plan.choices[memo_key] = spec
+        return spec
 
     def _check_meta(self, op: str, meta) -> None:
         for name in ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids"):

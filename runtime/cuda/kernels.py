@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 
@@ -152,7 +152,7 @@ class KernelSpec:
     block: int
     config: Tiled | Small | Dw
 
-    @property
+    @cached_property  # on every launch's path: computed once per spec
     def name(self) -> str:
         return f"bsmm_{self.op}_{self.kind}_{self.math}_b{self.block}_{self.config.tag()}"
 
