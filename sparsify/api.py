@@ -107,6 +107,7 @@ def sparsify(
                       calibration=calib)
     out = run_passes(cap.module, ctx, PIPELINE)
     setattr(out, PLAN_ATTR, ctx.plan)
+    _gpu_speed_note(next((p.device for p in out.parameters()), None), ctx.plan)
     if check if check is not None else (args is not None or bool(kwargs)):
         if args is None and not kwargs:
             raise ValueError("sparsify(check=True): checking the converted model needs example_inputs=.")
@@ -114,6 +115,24 @@ def sparsify(
     if calib is not None:
         _measure(None if inplace else model, out, ctx.plan, calib, cfg)
     return out
+
+
+#: Layer types whose block-sparse CUDA kernels were measured slower than cuDNN's dense ones.
+_SLOW_ON_GPU = {"Conv1d": "conv", "Conv2d": "conv", "LSTM": "LSTM"}
+
+
+def _gpu_speed_note(device: torch.device | None, plan) -> None:
+    """On a CUDA model, say which rewritten layers save parameters but not time there."""
+    if plan is None or device is None or device.type != "cuda":
+        return
+    slow = [d.name for d in plan.decisions if d.method == "block_sparse" and d.layer_type in _SLOW_ON_GPU]
+    if slow:
+        shown = ", ".join(repr(n) for n in slow[:4]) + (f" and {len(slow) - 4} more" if len(slow) > 4 else "")
+        plan.notes.append(
+            f"on CUDA, the block-sparse conv / LSTM layers ({shown}) save parameters, not time: their kernels "
+            "were measured 7-50x (conv, fp32 FFMA) and 5-35x (LSTM, a launch per step) slower than cuDNN's "
+            "dense layers on an H200 (docs/benchmarks.md). Block-sparse Linear layers win from density 0.1 "
+            "at large batch. Exclude these layers with rules= if speed is the goal.")
 
 
 def _calibration_of(data: Any, cfg: SparsifyConfig):

@@ -92,6 +92,8 @@ def test_a_model_on_the_gpu_converts_there(method):
         budget = dict(density=0.5, block_size=32) if method == "block_sparse" else dict(rank=0.25)
         sparse = sparsify.sparsify(model, method=method, min_size=1, example_inputs=(x,), **budget)
     assert all(p.device.type == "cuda" for p in sparse.parameters())
+    notes = " ".join(sparsify.report(sparse).notes)
+    assert ("save parameters, not time" in notes) == (method == "block_sparse"), notes
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     with torch.no_grad():

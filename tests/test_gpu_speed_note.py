@@ -1,0 +1,37 @@
+"""The report says, for a model on CUDA, which block-sparse layers save parameters but not time
+there (conv and LSTM kernels measured slower than cuDNN on an H200); nothing on the CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.api import _gpu_speed_note
+
+
+def _plan():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Flatten(), nn.Linear(64 * 4 * 4, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = sparsify.sparsify(model, method="block_sparse", density=0.5, block_size=32, min_size=1,
+                                   example_inputs=(torch.randn(1, 64, 4, 4),))
+    return sparse._sparsify_plan
+
+
+def test_cuda_model_gets_the_note_naming_its_conv_layers():
+    plan = _plan()
+    before = len(plan.notes)
+    _gpu_speed_note(torch.device("cuda", 0), plan)
+    (note,) = plan.notes[before:]
+    assert "'0'" in note and "not time" in note and "'2'" not in note  # the conv, not the Linear
+
+
+def test_cpu_model_gets_no_note():
+    plan = _plan()
+    before = len(plan.notes)
+    _gpu_speed_note(torch.device("cpu"), plan)
+    _gpu_speed_note(None, plan)
+    assert len(plan.notes) == before
