@@ -235,3 +235,36 @@ def test_train_mode_never_caches(monkeypatch):
         lin(x)
     assert not getattr(lin.values, "_sparsify_cache", None)
 
+
+
+@given(problem=problems(dtypes=(torch.float32, torch.float64)))
+def test_bsr_path_in_row_chunks_equals_dense_reference(problem):
+    """Above BSR_CHUNK_ROWS rows the bsr path calls MKL per chunk of rows and writes each into a
+    row-major result; with chunks of 4 rows every drawn M > 4 takes that route (ragged last
+    chunk included), forward and dX."""
+    layout, values, x, bias, residual, activation = problem
+    out_f, in_f = layout.shape
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cpu, "BSR_CHUNK_ROWS", 4)
+    try:
+        y = _run("bsr", mp, lambda: cpu.CPUExecutor().forward(x, values, _ns(layout), bias, residual, activation,
+                                                             out_f))
+        dy = torch.randn(x.shape[0], out_f, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+        dx = _run("bsr", mp, lambda: cpu.CPUExecutor().grad_input(dy, values, _ns(layout), in_f))
+    finally:
+        mp.undo()
+    if x.shape[0] > 4:
+        assert y.is_contiguous() and dx.is_contiguous()
+    ref = _reference(layout, values, x, bias, residual, activation)
+    tol = _tolerance(layout, values, x, bias, residual, x.dtype)
+    assert bool(((y.double() - ref).abs() <= tol).all())
+    dx_ref = dy.double() @ layout.to_dense(values.double())
+    dx_tol = 2 * (layout.n_block_rows + 4) * EPS[x.dtype] * out_f * (dy.double().abs() @ layout.to_dense(
+        values.double()).abs()) + 1e-30
+    assert bool(((dx.double() - dx_ref).abs() <= dx_tol).all())
+
+
+def _ns(layout):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**layout.metadata())

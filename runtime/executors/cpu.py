@@ -42,6 +42,8 @@ __all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
 PATHS = ("dense", "bsr", "gather")
+#: Rows of x per MKL BSR call (more rows are split into calls of this many; see _bsr_matmul).
+BSR_CHUNK_ROWS = 256
 
 # The cost model, fitted to `python -m sparsify.bench bsmm --paths` on CPUs
 # (docs/benchmarks.md has the figures).  Rows are rows of input (tokens).
@@ -242,7 +244,18 @@ def _bsr_matmul(values, row_offsets, col_indices, x, out_rows: int, w=None) -> t
     ``F.linear(x, bsr)`` does not run under inference mode (docs/benchmarks.md)."""
     if w is None:
         w = _bsr_tensor(values, row_offsets, col_indices, x.shape[1])
-    return (w @ x.T).T[:, :out_rows]
+    m = x.shape[0]
+    if m <= BSR_CHUNK_ROWS:
+        return (w @ x.T).T[:, :out_rows]
+    # MKL's BSR product slows down sharply once x.T has more than a few hundred columns (it no
+    # longer stays in cache): at K = N = 4096, density 0.1, M = 1024 it took 98 ms in one call
+    # and 48 ms in four calls of 256 rows, each copied into its rows of a row-major result,
+    # so the result is contiguous too (docs/benchmarks.md).
+    y = x.new_empty(m, out_rows)
+    for start in range(0, m, BSR_CHUNK_ROWS):
+        rows = slice(start, start + BSR_CHUNK_ROWS)
+        y[rows] = (w @ x[rows].T).T[:, :out_rows]
+    return y
 
 
 def _gather_matmul(values, row_indices, col_indices, x, n_block_rows: int, out_rows: int) -> torch.Tensor:
