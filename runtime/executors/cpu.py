@@ -60,6 +60,10 @@ GATHER_FEW_ROWS = 16
 GATHER_FEW_ROWS_DENSITY = 0.4
 GATHER_MAX_ROWS = 128
 GATHER_MAX_DENSITY = 0.075
+# ... for large weights, up to GATHER_MAX_ROWS rows: below this density the gathered matmul
+# beat MKL's BSR at 2 threads (K = N = 4096, density 0.1: 5.6 vs 7.3 ms at 64 rows, 11.6 vs
+# 12.0 at 128); at 1 thread BSR was 4-13% faster there (docs/benchmarks.md).
+GATHER_MAX_ROWS_DENSITY = 0.15
 BSR_FEW_ROWS = 256
 BSR_MAX_DENSITY_FEW_ROWS = 0.3
 BSR_MAX_DENSITY = 0.175
@@ -141,7 +145,7 @@ def choose_path(rows: int, density: float, dtype: torch.dtype, weight_elems: int
                 or (rows <= SMALL_GATHER_FEW_ROWS and density < SMALL_GATHER_FEW_ROWS_DENSITY)):
             return "gather"
         return "dense"
-    if rows <= GATHER_MAX_ROWS and density < GATHER_MAX_DENSITY:
+    if rows <= GATHER_MAX_ROWS and density < GATHER_MAX_ROWS_DENSITY:
         return "gather"
     if not bsr_ok:
         return "dense"
