@@ -64,12 +64,12 @@ _KEY_ORDER_MIN = 1 << 16
 _INT64_SAFE = 1 << 62
 
 
-
 def _dot(rel: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
-    """``rel @ mult`` for int64 ``[n, D] x [D]``: elementwise and summed, because CUDA has no integer
-    matmul (``addmv_impl_cuda`` is not implemented for Long; found on an H200, which the CPU
-    emulator of the kernels cannot see: this is torch code around them)."""
-    return (rel * mult).sum(-1)
+    """``rel @ mult`` for int64 ``[n, D] x [D]``.  On CUDA elementwise and summed: CUDA has no
+    integer matmul (``addmv_impl_cuda`` is not implemented for Long; found on an H200, out of the
+    CPU emulator's sight since this is torch code around the kernels).  On the CPU the matmul,
+    about a quarter faster than the elementwise form at 1M points."""
+    return rel @ mult if rel.device.type == "cpu" else (rel * mult).sum(-1)
 
 
 def index_dtype(device: torch.device) -> torch.dtype:
