@@ -21,6 +21,7 @@ Usage (on a GPU):  python benchmarks/bench_cuda_layers.py --out bench_cuda_layer
 ``--device cpu --quick`` runs the same code on the CPU at toy sizes: a smoke test of the script.
 """
 
+# ruff: noqa: B023  (every lambda here is timed inside the loop iteration that makes it)
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cuda import Timer, _commit  # noqa: E402
+from sparsify.runtime.layout import BlockSparseLayout  # noqa: E402
 
 import sparsify.spatial as ME  # noqa: E402
-from sparsify.runtime.layout import BlockSparseLayout  # noqa: E402
 
 
 def _sync(device):
