@@ -130,7 +130,7 @@ def _gpu_speed_note(device: torch.device | None, plan) -> None:
         shown = ", ".join(repr(n) for n in slow[:4]) + (f" and {len(slow) - 4} more" if len(slow) > 4 else "")
         plan.notes.append(
             f"on CUDA, the block-sparse conv / LSTM layers ({shown}) save parameters, not time: their kernels "
-            "were measured 7-50x (conv, fp32 FFMA) and 5-35x (LSTM, a launch per step) slower than cuDNN's "
+            "were measured 7-46x (conv, fp32 FFMA) and 5-37x (LSTM, a launch per step) slower than cuDNN's "
             "dense layers on an H200 (docs/benchmarks.md). Block-sparse Linear layers win from density 0.1 "
             "at large batch. Exclude these layers with rules= if speed is the goal.")
 
