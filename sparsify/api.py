@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .check import check_converted
 from .config import SparsifyConfig
 from .decision import Decision, Plan
-from .check import check_converted
 from .passes import PIPELINE, PassContext, capture, run_passes
 from .passes.costs import param_count
 from .plan import plan_model
@@ -107,6 +107,7 @@ def sparsify(
                       calibration=calib)
     out = run_passes(cap.module, ctx, PIPELINE)
     setattr(out, PLAN_ATTR, ctx.plan)
+    _reflatten_rnns(out)
     _gpu_speed_note(next((p.device for p in out.parameters()), None), ctx.plan)
     if check if check is not None else (args is not None or bool(kwargs)):
         if args is None and not kwargs:
@@ -187,6 +188,16 @@ def _measure(reference: nn.Module | None, out: nn.Module, plan: Plan, calib, cfg
                   "layers (a Rule with a higher density / rank, or skip=True).", CalibrationWarning, stacklevel=3)
 
 
+def _reflatten_rnns(model: nn.Module) -> None:
+    """Put the weights of every torch RNN (kept, or made by densify) back into one contiguous
+    buffer.  ``copy.deepcopy`` copies them one by one; on CUDA, cuDNN then warns that they are
+    "not part of single contiguous chunk of memory" and compacts them on every call (seen on an
+    H200 after converting a model that kept its nn.LSTM).  A no-op on the CPU."""
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            m.flatten_parameters()
+
+
 def _dense_replacement(m: nn.Module) -> nn.Module | None:
     fn = getattr(m, "to_dense_module", None)
     return fn() if callable(fn) else None
@@ -242,6 +253,7 @@ def densify(module: nn.Module) -> nn.Module:
                 replaced.append(name)
     if PLAN_ATTR in out.__dict__:
         del out.__dict__[PLAN_ATTR]
+    _reflatten_rnns(out)
     return out
 
 
