@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cuda import Timer, _commit  # noqa: E402
-from sparsify.runtime.layout import BlockSparseLayout  # noqa: E402
+from bench_cuda import Timer, _commit, _layout  # noqa: E402
 
 import sparsify.spatial as ME  # noqa: E402
 
@@ -64,15 +63,6 @@ def wall_median(fn, device, warmup: int, rounds: int) -> float:
     return statistics.median(times)
 
 
-def _random_layout(n, k, block, density, seed):
-    g = torch.Generator().manual_seed(seed)
-    nbr, nbc = -(-n // block), -(-k // block)
-    keep = max(1, round(density * nbr * nbc))
-    mask = torch.zeros(nbr * nbc, dtype=torch.bool)
-    mask[torch.randperm(nbr * nbc, generator=g)[:keep]] = True
-    return BlockSparseLayout.from_block_mask(mask.view(nbr, nbc), shape=(n, k), block_size=block)
-
-
 # ----------------------------------------------------------------------------- bsconv
 def bench_bsconv(device, dtype, densities, timer, quick) -> list[dict]:
     from sparsify.runtime.executors.cpu_conv import CPUConvExecutor
@@ -89,7 +79,7 @@ def bench_bsconv(device, dtype, densities, timer, quick) -> list[dict]:
     dy = torch.randn(n, c, hw, hw, generator=g).to(device, dtype)
     rows = []
     for density in densities:
-        layout = _random_layout(c, c, block, density, seed=1)
+        layout = _layout(c, c, block, density, seed=1)
         values = (torch.randn(layout.nnz, block, block, 3, 3, generator=g) / math.sqrt(9 * c)).to(device, dtype)
         meta = SimpleNamespace(**{k: t.to(device) for k, t in layout.metadata().items()})
         from sparsify.runtime.executors.cpu_conv import dense_conv_weight

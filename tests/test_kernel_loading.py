@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from sparsify.runtime.cuda.launcher import KernelRuntime
 
 
@@ -57,8 +56,7 @@ def test_each_kernel_compiles_once_and_each_program_loads_once(monkeypatch, targ
 def test_every_family_compiles_its_own_program(monkeypatch, family):
     """Each family's runtime hands ``load_kernel`` its program (compilation faked: NVRTC itself is
     tested in test_cuda_compile.py and the kernels under the emulator)."""
-    from sparsify.runtime.cuda import compiler
-    from sparsify.runtime.cuda import executor_conv, executor_lstm
+    from sparsify.runtime.cuda import compiler, executor_conv, executor_lstm
     from sparsify.runtime.spatial import cuda as spatial_cuda
 
     cls, spec, prog = {

@@ -133,9 +133,9 @@ class CUDAExecutor:
         if len(cands) <= 1 or not tuned:
             spec = heur  # (and no layout hash, so no device-to-host copy)
         else:
-            spec = self.tuner.choose(f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}", cands, run, heur)
-            if spec is heur and not self.tuner.lookup(
-                    f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}"):
+            tune_key = f"{op}|m{m_bucket(m)}|{plan.key}|{extra}|{math_}|b{block}"
+            spec = self.tuner.choose(tune_key, cands, run, heur)
+            if spec is heur and not self.tuner.lookup(tune_key):
                 return spec  # not tuned yet (e.g. under graph capture): ask again next time
         plan.choices[memo_key] = spec
         return spec
