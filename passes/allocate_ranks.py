@@ -56,6 +56,8 @@ each layer to the inputs of the partly converted model.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any
 
@@ -395,7 +397,12 @@ def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float, cen
     from ..calibration import refit_blocks
 
     b = d.params["block_size"]
-    w = site.weight.detach().to(torch.float64)
+    # On the CPU whatever the model's device: the layouts it scores are built there
+    # (magnitude_layout), and the 40-level curve is bookkeeping, not a hot path.
+    w = site.weight.detach().to("cpu", torch.float64)
+    if st is not None:
+        st = dataclasses.replace(st, h=st.h.cpu(), s=st.s.cpu())
+    bias = None if site.bias is None else site.bias.detach().cpu()
     out_f, in_f = w.shape
     nbr, nbc = -(-out_f // b), -(-in_f // b)
     total_blocks = nbr * nbc
@@ -404,10 +411,10 @@ def _block_levels(d, site: LayerSite, st: InputStats | None, damping: float, cen
         scale = torch.ones(in_f, dtype=torch.float64)
         y2 = float(w.pow(2).sum()) or 1.0
     else:
-        h = centered(st) if center and site.bias is not None else st.h  # the bias takes the mean
+        h = centered(st) if center and bias is not None else st.h  # the bias takes the mean
         hd = damped(h, damping)[0][0]
         scale = hd.diagonal().clamp_min(0).sqrt()
-        y2 = output_variation(w[None], st) or output_sq_norm(w[None], site.bias, st) or 1.0
+        y2 = output_variation(w[None], st) or output_sq_norm(w[None], bias, st) or 1.0
     ws = w * scale[None, :]
     scores = block_norms(ws, b).pow(2)
     first = scores.argmax(1)

@@ -100,3 +100,34 @@ def test_a_model_on_the_gpu_converts_there(method):
         y = sparse(x)
         ref = sparsify.densify(copy.deepcopy(sparse)).double()(x.double())
     assert rel_err(y, ref) < TOL[torch.float32]
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(128, 256), nn.Linear(256, 256), nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("method, budget", [("block_sparse", dict(density=0.5, block_size=32)),
+                                            ("low_rank", dict(compression=2.0))])
+def test_calibrated_conversion_on_the_gpu(method, budget):
+    """Calibration data and a model-wide budget on the GPU: statistics, the allocation's error
+    curves (whose layouts are built on the CPU) and the refit all meet device tensors there. The
+    H200 found the block-sparse curve mixing the two (2026-11-30)."""
+    torch.manual_seed(0)
+    model = _Mlp().eval().cuda()
+    calib = [torch.randn(64, 128, device="cuda") for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = sparsify.sparsify(model, method=method, min_size=1, calibration_data=calib, **budget)
+    rep = sparsify.report(sparse)
+    assert any(r["method"] == method for r in rep.rows), rep
+    assert rep.model_error is not None and rep.model_error < 1.0, rep
+    assert all(p.device.type == "cuda" for p in sparse.parameters())
+    x = calib[0]
+    with torch.no_grad():
+        ref = sparsify.densify(copy.deepcopy(sparse)).double()(x.double())
+        assert rel_err(sparse(x), ref) < TOL[torch.float32]
