@@ -57,7 +57,6 @@ each layer to the inputs of the partly converted model.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from typing import Any
 
