@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -234,11 +235,13 @@ def run(data: Path, out: Path, methods: list[str], steps_list: list[int], lr: fl
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lr": lr, "batch": 16,
             "data": meta, "hidden": hidden, "group_by_length": True}
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=HERE).stdout.strip()
-    except OSError:
-        pass
+    info["commit"] = os.environ.get("SPARSIFY_COMMIT", "")[:7]  # gpu-check's: a device's copy of .git may be stale
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=HERE).stdout.strip()
+        except OSError:
+            pass
     rows: list[dict] = []
 
     def save():
