@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from bench_accuracy import Encoder  # noqa: E402  (mean pooling + normalization; no transformers import)
+
 LAYERS, HEADS, HIDDEN, EPS = 6, 12, 384, 1e-12
 
 
@@ -131,19 +134,6 @@ class MiniBert(nn.Module):
         return (h,)
 
 
-class Encoder(nn.Module):
-    """Mean-pooled, L2-normalized sentence embeddings (as ``bench_accuracy.Encoder``)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
-
-
 # ----------------------------------------------------------------------------- prepare
 def _pack(name: str, batches: list[dict], remap: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
@@ -154,10 +144,9 @@ def _pack(name: str, batches: list[dict], remap: torch.Tensor) -> dict[str, torc
 
 
 def prepare(out_dir: Path, distill_sentences: int) -> None:
+    import bench_accuracy as A
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(HERE))
-    import bench_accuracy as A
 
     torch.manual_seed(0)
     tok, enc_hf = A.load()
