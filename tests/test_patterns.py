@@ -142,11 +142,14 @@ def test_scale_free_has_hubs_the_others_do_not(n, scale, seed):
     deg = {k: lay.row_offsets.diff().double() for k, lay in (("ba", ba), ("ws", ws), ("rnd", rnd))}
     mean = deg["ba"].mean()
     # BA: the oldest nodes collect degree ~ m * sqrt(n / i): the largest is several times the mean.
-    # (In 150 random draws of this regime the smallest max/mean was 3.26, CV ratios 1.66 and 3.47.)
-    assert deg["ba"].max() >= 2.5 * mean
     # ... and the spread of degrees (coefficient of variation) exceeds random's (Poisson-like) and WS's.
+    # The bounds sit below the smallest values of 3,000 random draws of this regime (a third of them
+    # at the sparse end, scale < 0.2): max/mean 2.61, CV ratio to random 1.34 (0.1% quantile 1.40,
+    # median 2.28), to WS 2.83. The CV ratio's tail is at small n (96-141 rows): n = 96,
+    # scale = 0.125, seed = 1601 gave 1.39, under the 1.4 an earlier 150-draw sample had suggested.
+    assert deg["ba"].max() >= 2.2 * mean
     cv = {k: float(v.std() / v.mean()) for k, v in deg.items()}
-    assert cv["ba"] > 1.4 * cv["rnd"] and cv["ba"] > 2.5 * cv["ws"], cv
+    assert cv["ba"] > 1.2 * cv["rnd"] and cv["ba"] > 2.5 * cv["ws"], cv
     # Power-law tail: more nodes with at least 2.5x the mean degree than a Poisson graph would have.
     assert int((deg["ba"] >= 2.5 * mean).sum()) > int((deg["rnd"] >= 2.5 * mean).sum())
 
