@@ -7,8 +7,8 @@ what can be carried to them is limited, so this script splits the work:
 * ``prepare DIR`` (here, with the test extra installed): tokenizes the held-out, calibration
   and Shakespeare distillation sentences exactly as ``bench_accuracy.py`` does, keeps only the
   rows of the word-embedding table those tokens use (renumbering the ids, which changes no
-  output), and writes the weights and token ids to ``DIR/minilm.safetensors`` (about 55 MB).
-  It checks that :class:`MiniBert` (the same computation in plain torch, with BertModel's
+  output), and writes the weights and token ids to ``DIR/minilm.safetensors`` (61 MB) and a
+  slimmed copy of tensorly to ``DIR/pylib`` (1 MB; the GPU machines lack it).  It checks that :class:`MiniBert` (the same computation in plain torch, with BertModel's
   module names) gives transformers' embeddings on the held-out sentences.
 * ``run DIR --out FILE`` (on any device): converts the model as ``bench_accuracy.py``'s
   calibrated half-budget cells do, distills it with ``sparsify.finetune`` (hidden states of
@@ -178,8 +178,22 @@ def prepare(out_dir: Path, distill_sentences: int) -> None:
     meta = {"vocab": str(len(used)), "held_sentences": str(len(held_s)), "distill_sentences": str(len(dis_s)),
             "check_max_abs_diff": f"{err:.3e}"}
     save_file(tensors, str(out_dir / "minilm.safetensors"), metadata=meta)
+    _slim_tensorly(out_dir / "pylib")
     print(f"wrote {out_dir / 'minilm.safetensors'}: vocab {len(used)} of {enc_hf.bert.config.vocab_size}, "
           f"{len(distill)} distillation batches")
+
+
+def _slim_tensorly(dest: Path) -> None:
+    """A copy of the installed tensorly (pure Python) without its tests and bundled datasets: 1 MB
+    instead of the 7 MB wheel, so it travels beside the 61 MB of weights under the device tool's
+    64 MiB carry limit (gpu-check puts ``.distill/pylib`` on the path where tensorly is missing)."""
+    import shutil
+
+    import tensorly
+
+    src = Path(tensorly.__file__).parent
+    shutil.rmtree(dest / "tensorly", ignore_errors=True)
+    shutil.copytree(src, dest / "tensorly", ignore=shutil.ignore_patterns("tests", "__pycache__", "*.npy"))
 
 
 # ----------------------------------------------------------------------------- run
