@@ -234,7 +234,8 @@ def run(data: Path, out: Path, methods: list[str], steps_list: list[int], lr: fl
     t_start = time.perf_counter()
     enc, held, calib, distill, meta = _load(data, device)
     hidden = [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
-    ref = torch.cat([enc(**b) for b in held]).detach()
+    with torch.no_grad():
+        ref = torch.cat([enc(**b) for b in held])
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "lr": lr, "batch": 16,
             "data": meta, "hidden": hidden, "group_by_length": True}
