@@ -65,11 +65,20 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rs
-from ..calibration import DEFAULT_DAMPING, InputStats, centered, collect_stats, damped, output_sq_norm, \
-    output_variation, site_watch, weight_groups
-from ..patterns import block_norms, magnitude_layout
+from ..calibration import (
+    DEFAULT_DAMPING,
+    InputStats,
+    centered,
+    collect_stats,
+    damped,
+    output_sq_norm,
+    output_variation,
+    site_watch,
+    weight_groups,
+)
 from ..modules.factorized_conv import tt_conv_weight
 from ..modules.low_rank import svd_rank
+from ..patterns import block_norms, magnitude_layout
 from .costs import BALANCE, dense_flops, roofline_cost
 from .factorized import FACTORIZED_METHODS, as_layer, build, layer_tensor, param_formula, tokens_of
 from .infra import PassContext, PassResult
@@ -492,8 +501,8 @@ def _allocate_blocks(module: nn.Module, ctx: PassContext, sites: dict, plan) -> 
         curves: dict[int, rs.Curve] = {}
         items = [(d, sites[(d.name, d.node)]) for d in group]
         _dense_stats(module, ctx, items,
-                     lambda it, st: curves.__setitem__(id(it[0]), _block_levels(it[0], it[1], st, damping,
-                                                                                center)))
+                     lambda it, st, curves=curves: curves.__setitem__(id(it[0]), _block_levels(
+                         it[0], it[1], st, damping, center)))
         weights = _sensitivities(module, ctx, items)
         cs = [_weighted(curves[id(d)], weights[site.key]) for d, site in items]
         total = sum(math.prod(d.weight_shape) for d in group + pinned)

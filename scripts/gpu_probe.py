@@ -81,7 +81,6 @@ def main() -> int:
 
     def bsconv():
         import torch.nn.functional as F
-
         from sparsify.runtime.cuda.executor_conv import CUDAConvExecutor
         from sparsify.runtime.executors.cpu_conv import dense_conv_weight
         from sparsify.runtime.layout import BlockSparseLayout

@@ -61,7 +61,7 @@ def base(tmp_path_factory):
 
 
 MARK = "FUZZ_PWNED"
-CODE = [f"__import__('os').system('touch {MARK}')", f"os:system", f"; touch {MARK}", "../../etc/passwd",
+CODE = [f"__import__('os').system('touch {MARK}')", "os:system", f"; touch {MARK}", "../../etc/passwd",
         f"$(touch {MARK})", "s=__import__('os')", "9**9**9**9", "u99999999999", "torch.load", "builtins.eval",
         "aten.from_file.default", "\x00", "𝕏" * 3]
 
