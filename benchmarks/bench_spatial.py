@@ -208,7 +208,19 @@ def measure(systems: dict, rounds: int, backward: bool) -> dict:
             t0 = time.perf_counter()
             _step(fn, backward, f, params)
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "runs": len(v)} for n, v in times.items()}
+    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "runs": len(v), "times_ms": v}
+            for n, v in times.items()}
+
+
+def paired_ratio(res: dict, a: str = "ours", b: str = "spconv", draws: int = 10_000) -> dict:
+    """The median over rounds of ``a``'s time over ``b``'s in the same round, with a 95% bootstrap
+    interval (rounds resampled, seeded).  Rounds interleave the systems, so a round's ratio cancels
+    load that drifts across the run, which a ratio of the two medians does not."""
+    r = np.asarray(res[a]["times_ms"]) / np.asarray(res[b]["times_ms"])
+    rng = np.random.default_rng(0)
+    boot = np.median(r[rng.integers(0, len(r), (draws, len(r)))], axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"paired_ratio_median": float(np.median(r)), "paired_ratio_ci95": [float(lo), float(hi)]}
 
 
 def dense_fits(coords: torch.Tensor, channels: int, limit_bytes: float) -> bool:
@@ -299,6 +311,7 @@ def main(argv=None) -> dict:
                        "grid": extent, "occupancy": occupancy, "ours_vs_spconv_rel_diff": agree, **{
                            k: v for k, v in res.items()}}
                 row["ratio_ours_spconv"] = res["ours"]["median_ms"] / res["spconv"]["median_ms"]
+                row.update(paired_ratio(res))
                 if "dense conv3d" in res:
                     row["ratio_ours_dense"] = res["ours"]["median_ms"] / res["dense conv3d"]["median_ms"]
                 rows.append(row)
@@ -319,7 +332,8 @@ def main(argv=None) -> dict:
                 res = measure(systems, rounds, backward)
                 row = {"workload": "MinkUNet-style", "pass": "fwd+bwd" if backward else "fwd", "voxels": len(coords),
                        "grid": extent, "occupancy": occupancy, "sites_per_level": sites, **res,
-                       "ratio_ours_spconv": res["ours"]["median_ms"] / res["spconv"]["median_ms"]}
+                       "ratio_ours_spconv": res["ours"]["median_ms"] / res["spconv"]["median_ms"],
+                       **paired_ratio(res)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
@@ -343,8 +357,9 @@ def main(argv=None) -> dict:
 
 
 def table(out: dict) -> str:
-    lines = ["| workload | pass | voxels | occupancy | ours (ms) | spconv (ms) | dense conv3d (ms) | ours / spconv | ours / dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | pass | voxels | occupancy | ours (ms) | spconv (ms) | dense conv3d (ms) | ours / spconv "
+             "| paired ratio [95% CI] | ours / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         d = r.get("dense conv3d")
         miss = " **miss**" if r["ratio_ours_spconv"] > 1.0 else ""
@@ -353,7 +368,10 @@ def table(out: dict) -> str:
             f"{r['spconv']['median_ms']:.1f} | {d['median_ms']:.1f} |" if d else
             f"| {r['workload']} | {r['pass']} | {r['voxels']:,} | {r['occupancy']:.4f} | {r['ours']['median_ms']:.1f} | "
             f"{r['spconv']['median_ms']:.1f} | - |")
-        lines[-1] += f" {r['ratio_ours_spconv']:.2f}{miss} | " + (f"{r['ratio_ours_dense']:.3f} |" if d else "- |")
+        ci = r.get("paired_ratio_ci95")
+        paired = f"{r['paired_ratio_median']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
+        lines[-1] += (f" {r['ratio_ours_spconv']:.2f}{miss} | {paired} | "
+                      + (f"{r['ratio_ours_dense']:.3f} |" if d else "- |"))
     return "\n".join(lines)
 
 
