@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sparsify.dynamic import RigL, SET, DynamicSparsity, _grad_block_norms, sparse_weight_modules
+from sparsify.dynamic import SET, DynamicSparsity, RigL, _grad_block_norms, sparse_weight_modules
 from sparsify.modules.block_sparse import BlockSparseLinear
 from sparsify.modules.block_sparse_conv import BlockSparseConv2d
 from sparsify.modules.block_sparse_lstm import BlockSparseLSTM
