@@ -240,6 +240,8 @@ SETTINGS = {
     ("block_sparse", "half"): dict(method="block_sparse", density=0.5, block_size=16),
     ("block_sparse", "quarter"): dict(method="block_sparse", density=0.25, block_size=16),
     ("low_rank", "half"): dict(method="low_rank", compression=2.0),
+    ("block_sparse", "two_thirds"): dict(method="block_sparse", density=2 / 3, block_size=16),
+    ("low_rank", "two_thirds"): dict(method="low_rank", compression=1.5),
     ("low_rank", "quarter"): dict(method="low_rank", compression=4.0),
     ("cp", "half"): dict(method="cp", compression=2.0),
     ("cp", "quarter"): dict(method="cp", compression=4.0),
@@ -251,7 +253,7 @@ SETTINGS = {
 
 
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
-             hidden=()):
+             hidden=(), hidden_weight=1.0):
     kw = dict(SETTINGS[(method, budget)], min_size=0)
     if calibrated:
         kw["calibration_data"] = calib
@@ -274,18 +276,19 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
     rows = [row]
     for steps, minutes in ([(ft_steps, None)] if ft_steps else []) + ([(None, ft_minutes)] if ft_minutes else []):
         tuned, info = finetune(conv, enc, calib if distill is None else distill, held, ref, steps, ft_lr, minutes,
-                               hidden if minutes else ())
+                               hidden if minutes else (), hidden_weight)
         r = dict(row, finetune_steps=info["steps"], finetune_cpu_s=info["cpu_s"], finetune_wall_s=info["wall_s"],
                  cos_mean=info["cos_mean"], cos_min=info["cos_min"], finetune_lr=ft_lr,
                  finetune_loss_first=info["loss_first"], finetune_loss_last=info["loss_last"],
-                 finetune_curve=info.get("curve"), finetune_hidden=list(hidden) if minutes else [])
+                 finetune_curve=info.get("curve"), finetune_hidden=list(hidden) if minutes else [],
+                 finetune_hidden_weight=hidden_weight if minutes and hidden else None)
         print(f"  {'':12s} {'':7s} + finetune {info['steps']} steps ({info['cpu_s']:.0f}s cpu): "
               f"cos={info['cos_mean']:.4f} (min {info['cos_min']:.4f})", flush=True)
         rows.append(r)
     return rows
 
 
-def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=()):
+def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=(), hidden_weight=1.0):
     """Distill for ``steps`` steps, or in chunks until ``minutes`` of CPU time (then the held-out
     cosine after each chunk is recorded)."""
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -301,10 +304,12 @@ def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=()):
     # (Before 2026-11-30 the budget was spent in 200-step chunks, each restarting the optimizer
     # and its warm-up.)
     budget = minutes * 60
-    sparsify.finetune(conv, teacher=enc, data=calib, steps=10, lr=lr, hidden=hidden, progress=False)
+    sparsify.finetune(conv, teacher=enc, data=calib, steps=10, lr=lr, hidden=hidden,
+                      hidden_weight=hidden_weight, progress=False)
     per_step = (time.process_time() - t_cpu) / 10
     steps = max(10, int((budget - (time.process_time() - t_cpu)) / per_step * 0.95))
-    tuned = sparsify.finetune(conv, teacher=enc, data=calib, steps=steps, lr=lr, hidden=hidden, progress=False)
+    tuned = sparsify.finetune(conv, teacher=enc, data=calib, steps=steps, lr=lr, hidden=hidden,
+                               hidden_weight=hidden_weight, progress=False)
     spent = time.process_time() - t_cpu
     log = tuned._sparsify_finetune
     mean, low = cosines(tuned, ref, held)
@@ -352,6 +357,10 @@ def main() -> None:
                     help="the long runs' batches group sentences of similar token length (less padding)")
     ap.add_argument("--distill-hidden", action="store_true",
                     help="the long runs also match every encoder layer's output (finetune(hidden=...))")
+    ap.add_argument("--long-budget", choices=["half", "two_thirds"], default="half",
+                    help="the long runs' share of the Linear parameters (the targets are at half)")
+    ap.add_argument("--distill-hidden-weight", type=float, default=1.0,
+                    help="the weight of each hidden-state term against the output's (finetune(hidden_weight=...))")
     ap.add_argument("--long-methods", nargs="+", default=["block_sparse", "low_rank"],
                     choices=["block_sparse", "low_rank"], help="which long runs (one per process runs them in parallel)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
@@ -393,8 +402,9 @@ def main() -> None:
     hidden = [f"bert.encoder.layer.{i}" for i in range(len(enc.bert.encoder.layer))] if args.distill_hidden else []
     if args.long or args.only_long:
         for method in args.long_methods:
-            for r in run_cell(enc, calib, held, ref, method, "half", True, 0, args.distill_lr or args.lr,
-                              args.long_minutes, distill=distill, hidden=hidden)[1:]:
+            for r in run_cell(enc, calib, held, ref, method, args.long_budget, True, 0, args.distill_lr or args.lr,
+                              args.long_minutes, distill=distill, hidden=hidden,
+                              hidden_weight=args.distill_hidden_weight)[1:]:
                 rows.append(dict(r, distill_corpus="+".join(args.distill_corpus), distill_batch=args.distill_batch or args.batch,
                                  distill_group_by_length=args.distill_group_by_length,
                                  distill_tokens=sum(int(b["attention_mask"].sum()) for b in distill),

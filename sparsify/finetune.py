@@ -10,7 +10,8 @@ frozen and the block patterns and ranks are fixed.  The loss is one of:
 * ``"kl"``: the KL divergence ``KL(softmax(t / T) || softmax(s / T)) T^2`` of the logits
   (the output named ``logits``, or the first one / the one named in ``outputs=``);
 * plus, with ``hidden=["encoder.layer.3", ...]``, the relative squared error of those
-  modules' outputs (the same qualified name in both models).
+  modules' outputs (the same qualified name in both models), each weighted by
+  ``hidden_weight`` (1 by default) against the output term.
 
 AdamW with a linear warm-up over the first 5% of the steps and a cosine decay;
 gradients clipped to norm 1.  The student runs in eval mode (no dropout, BatchNorm on
@@ -66,7 +67,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every) -> None:
+def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight=1.0) -> None:
     if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError(f"finetune: expected nn.Modules for the model and teacher=; got {type(model).__name__} and "
                         f"{type(teacher).__name__}.")
@@ -75,9 +76,9 @@ def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, l
     for name, v in (("lr", lr), ("temperature", temperature)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) < math.inf:
             raise ValueError(f"finetune: invalid {name}={v!r}: expected a finite number > 0.")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
-            not 0 <= float(weight_decay) < math.inf:
-        raise ValueError(f"finetune: invalid weight_decay={weight_decay!r}: expected a finite number >= 0.")
+    for name, v in (("weight_decay", weight_decay), ("hidden_weight", hidden_weight)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) < math.inf:
+            raise ValueError(f"finetune: invalid {name}={v!r}: expected a finite number >= 0.")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"finetune: invalid log_every={log_every!r}: expected an int >= 1.")
     if loss not in _LOSSES:
@@ -139,6 +140,7 @@ def finetune(
     loss: str = "output",
     outputs: Sequence[str] | None = None,
     hidden: Sequence[str] = (),
+    hidden_weight: float = 1.0,
     temperature: float = 1.0,
     weight_decay: float = 0.0,
     eval_data: Any = None,
@@ -163,7 +165,7 @@ def finetune(
         (20, True)
     """
     hidden = list(hidden)
-    _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every)
+    _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight)
     batches = as_batches(data, "finetune(data=...)")
     held = as_batches(eval_data, "finetune(eval_data=...)") if eval_data is not None else None
     student = model if inplace else copy.deepcopy(model)
@@ -214,7 +216,7 @@ def finetune(
                 if grabs is not None:
                     for h in hidden:
                         s_leaves, t_leaves = _leaves(grabs[0].out[h]), _leaves(want_hidden[h])
-                        total = total + sum(_rel_sq(s, t) for (_, s), (_, t) in zip(s_leaves, t_leaves))
+                        total = total + hidden_weight * sum(_rel_sq(s, t) for (_, s), (_, t) in zip(s_leaves, t_leaves))
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,7 +242,7 @@ def finetune(
             p.requires_grad_(flags.get(id(p), True))
             p.grad = None
     record: dict[str, Any] = {
-        "steps": steps, "lr": lr, "loss": loss, "hidden": hidden, "losses": losses,
+        "steps": steps, "lr": lr, "loss": loss, "hidden": hidden, "hidden_weight": hidden_weight, "losses": losses,
         "seconds": time.perf_counter() - t_wall, "cpu_seconds": time.process_time() - t_cpu,
         "device": str(device) if device is not None else "cpu",
         "trained": [n for n, _ in trainable_parameters(student)],

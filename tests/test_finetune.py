@@ -72,6 +72,19 @@ def test_kl_on_logits_and_hidden_states():
     assert len(losses) == 40 and losses[-1] < losses[0]
 
 
+def test_hidden_weight_scales_the_hidden_terms():
+    # the first step's loss is output term + hidden_weight * hidden term, before any update
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
+    first = {w: getattr(sparsify.finetune(student, teacher, _data(1), steps=1, hidden=["1"], hidden_weight=w,
+                                          progress=False), FINETUNE_ATTR)["losses"][0] for w in (0.0, 1.0, 3.0)}
+    no_hidden = getattr(sparsify.finetune(student, teacher, _data(1), steps=1, progress=False), FINETUNE_ATTR)
+    assert first[0.0] == pytest.approx(no_hidden["losses"][0], rel=1e-6)
+    hidden_term = first[1.0] - first[0.0]
+    assert hidden_term > 0
+    assert first[3.0] == pytest.approx(first[0.0] + 3 * hidden_term, rel=1e-5)
+
+
 def test_inplace_trains_the_given_model():
     teacher = _teacher()
     student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
@@ -83,6 +96,7 @@ def test_inplace_trains_the_given_model():
     (dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(loss="mse"), "loss"),
     (dict(hidden=["nope"]), "no module 'nope'"), (dict(data=[]), "no batches"),
     (dict(outputs=["logits"]), "no output 'logits'"), (dict(weight_decay=float("nan")), "weight_decay"),
+    (dict(hidden_weight=-1.0), "hidden_weight"), (dict(hidden_weight=True), "hidden_weight"),
 ])
 def test_bad_input_is_refused(kw, match):
     teacher = _teacher()
