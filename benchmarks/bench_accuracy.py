@@ -253,8 +253,10 @@ SETTINGS = {
 
 
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
-             hidden=(), hidden_weight=1.0):
+             hidden=(), hidden_weight=1.0, allocate=None):
     kw = dict(SETTINGS[(method, budget)], min_size=0)
+    if allocate is not None:
+        kw["allocate"] = allocate
     if calibrated:
         kw["calibration_data"] = calib
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -359,6 +361,10 @@ def main() -> None:
                     help="the long runs also match every encoder layer's output (finetune(hidden=...))")
     ap.add_argument("--long-budget", choices=["half", "two_thirds"], default="half",
                     help="the long runs' share of the Linear parameters (the targets are at half)")
+    ap.add_argument("--long-uniform", action="store_true",
+                    help="the long runs convert with allocate=False: for block_sparse, every layer at density= "
+                         "instead of densities allocated by sensitivity (the factorizations' compression= is "
+                         "always allocated)")
     ap.add_argument("--distill-hidden-weight", type=float, default=1.0,
                     help="the weight of each hidden-state term against the output's (finetune(hidden_weight=...))")
     ap.add_argument("--long-methods", nargs="+", default=["block_sparse", "low_rank"],
@@ -404,7 +410,8 @@ def main() -> None:
         for method in args.long_methods:
             for r in run_cell(enc, calib, held, ref, method, args.long_budget, True, 0, args.distill_lr or args.lr,
                               args.long_minutes, distill=distill, hidden=hidden,
-                              hidden_weight=args.distill_hidden_weight)[1:]:
+                              hidden_weight=args.distill_hidden_weight,
+                              allocate=False if args.long_uniform else None)[1:]:
                 rows.append(dict(r, distill_corpus="+".join(args.distill_corpus), distill_batch=args.distill_batch or args.batch,
                                  distill_group_by_length=args.distill_group_by_length,
                                  distill_tokens=sum(int(b["attention_mask"].sum()) for b in distill),
