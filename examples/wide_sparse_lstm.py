@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from sparsify.dynamic import RigL
 from sparsify.modules.block_sparse_lstm import BlockSparseLSTM, lstm_layouts
