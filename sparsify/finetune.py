@@ -3,7 +3,10 @@
 The converted model (the student) learns to reproduce the original model's (the
 teacher's) outputs on unlabeled inputs.  Only the stored blocks and factors train
 (the parameters of the rewritten layers, biases excluded); every other parameter is
-frozen and the block patterns and ranks are fixed.  The loss is one of:
+frozen and the block patterns and ranks are fixed.  ``also_train=("bias", "norm")`` opts
+in to training, besides, every bias and the affine parameters of normalization layers
+(LayerNorm, RMSNorm, GroupNorm, BatchNorm; BitFit-style): they exist in the dense model
+too, so the parameter count does not change.  Embeddings never train.  The loss is one of:
 
 * ``"output"`` (default): the relative squared error ``||s - t||^2 / ||t||^2`` of each
   floating output the model returns (or those named in ``outputs=``), summed;
@@ -37,11 +40,14 @@ from torch import nn
 
 from .calibration import _leaves, as_batches, model_device, model_error
 
-__all__ = ["finetune", "FINETUNE_ATTR", "trainable_parameters"]
+__all__ = ["finetune", "FINETUNE_ATTR", "trainable_parameters", "extra_parameters", "ALSO_TRAIN"]
 
 #: Where a finetuned model keeps its loss log.
 FINETUNE_ATTR = "_sparsify_finetune"
 _LOSSES = ("output", "kl")
+#: What ``finetune(also_train=...)`` may add to the stored blocks and factors.
+ALSO_TRAIN = ("bias", "norm")
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 log = logging.getLogger("sparsify.finetune")
 
 
@@ -67,7 +73,38 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight=1.0) -> None:
+def _is_norm(m: nn.Module) -> bool:
+    # torch's norms, and the ones models define themselves (LlamaRMSNorm, T5LayerNorm, ...)
+    return isinstance(m, _NORMS) or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def extra_parameters(model: nn.Module, also_train: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified name, parameter)`` that ``also_train`` adds: every ``bias`` (``"bias"``) and
+    the parameters of normalization layers (``"norm"``), not those already in
+    ``trainable_parameters`` and never an embedding's.
+
+    Example:
+        >>> import sparsify
+        >>> m = sparsify.sparsify(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256)), density=0.5)
+        >>> [n for n, _ in extra_parameters(m, ("bias", "norm"))]
+        ['0.bias', '1.weight', '1.bias']
+    """
+    seen = {id(p) for _, p in trainable_parameters(model)}
+    frozen = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+              for p in m.parameters()}
+    out = []
+    for mname, m in model.named_modules():
+        norm = "norm" in also_train and _is_norm(m)
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in seen or id(p) in frozen or not (norm or ("bias" in also_train and pname == "bias")):
+                continue
+            seen.add(id(p))
+            out.append((f"{mname}.{pname}" if mname else pname, p))
+    return out
+
+
+def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight=1.0,
+           also_train=()) -> None:
     if not isinstance(model, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError(f"finetune: expected nn.Modules for the model and teacher=; got {type(model).__name__} and "
                         f"{type(teacher).__name__}.")
@@ -81,6 +118,9 @@ def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, l
             raise ValueError(f"finetune: invalid {name}={v!r}: expected a finite number >= 0.")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"finetune: invalid log_every={log_every!r}: expected an int >= 1.")
+    if isinstance(also_train, str) or any(a not in ALSO_TRAIN for a in also_train):
+        raise ValueError(f"finetune: invalid also_train={also_train!r}: expected a tuple of "
+                         f"{', '.join(map(repr, ALSO_TRAIN))} (or () for the stored blocks and factors only).")
     if loss not in _LOSSES:
         raise ValueError(f"finetune: invalid loss={loss!r}: expected one of {', '.join(map(repr, _LOSSES))}.")
     for h in hidden:
@@ -143,6 +183,7 @@ def finetune(
     hidden_weight: float = 1.0,
     temperature: float = 1.0,
     weight_decay: float = 0.0,
+    also_train: Sequence[str] = (),
     eval_data: Any = None,
     inplace: bool = False,
     progress: bool = True,
@@ -153,7 +194,8 @@ def finetune(
 
     ``data`` is an iterable of input batches, as ``calibration_data=`` (cycled for ``steps``
     steps).  With ``eval_data``, the model's relative output error against the teacher on it
-    is measured before and after and recorded.
+    is measured before and after and recorded.  ``also_train=("bias", "norm")`` trains every
+    bias and the normalization layers' parameters too (see ``extra_parameters``).
 
     Example:
         >>> import torch, sparsify
@@ -165,12 +207,14 @@ def finetune(
         (20, True)
     """
     hidden = list(hidden)
-    _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight)
+    _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight, also_train)
+    also_train = tuple(also_train)
     batches = as_batches(data, "finetune(data=...)")
     held = as_batches(eval_data, "finetune(eval_data=...)") if eval_data is not None else None
     student = model if inplace else copy.deepcopy(model)
-    names = {id(p) for _, p in trainable_parameters(student)}
-    params = [p for _, p in trainable_parameters(student)]
+    chosen = trainable_parameters(student) + extra_parameters(student, also_train)
+    names = {id(p) for _, p in chosen}
+    params = [p for _, p in chosen]
     flags = {id(p): p.requires_grad for p in student.parameters()}
     device = model_device(student)
     before = model_error(teacher, student, held) if held is not None else None
@@ -245,7 +289,8 @@ def finetune(
         "steps": steps, "lr": lr, "loss": loss, "hidden": hidden, "hidden_weight": hidden_weight, "losses": losses,
         "seconds": time.perf_counter() - t_wall, "cpu_seconds": time.process_time() - t_cpu,
         "device": str(device) if device is not None else "cpu",
-        "trained": [n for n, _ in trainable_parameters(student)],
+        "also_train": list(also_train),
+        "trained": [n for n, _ in chosen],
     }
     if held is not None:
         record["error_before"] = before

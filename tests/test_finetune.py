@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.finetune import FINETUNE_ATTR, trainable_parameters
+from sparsify.finetune import FINETUNE_ATTR, extra_parameters, trainable_parameters
 
 from .helpers import assert_same_state, rel_err, state_snapshot
 
@@ -97,6 +97,7 @@ def test_inplace_trains_the_given_model():
     (dict(hidden=["nope"]), "no module 'nope'"), (dict(data=[]), "no batches"),
     (dict(outputs=["logits"]), "no output 'logits'"), (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(hidden_weight=-1.0), "hidden_weight"), (dict(hidden_weight=True), "hidden_weight"),
+    (dict(also_train="bias"), "also_train"), (dict(also_train=("bias", "embedding")), "also_train"),
 ])
 def test_bad_input_is_refused(kw, match):
     teacher = _teacher()
@@ -113,3 +114,47 @@ def test_a_model_with_nothing_rewritten_is_refused():
     teacher = _teacher()
     with pytest.raises(ValueError, match="no rewritten layers"):
         sparsify.finetune(teacher, teacher, _data(1), steps=1, progress=False)
+
+
+class _Embedder(nn.Module):
+    """Embedding -> Linear -> LayerNorm -> Linear, the shape of a transformer's sublayer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 128)
+        self.body = nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, 64))
+
+    def forward(self, ids):
+        return self.body(self.emb(ids))
+
+
+@pytest.mark.parametrize("also", [("bias",), ("norm",), ("bias", "norm")])
+def test_also_train_adds_biases_and_norms_but_never_embeddings_or_patterns(tmp_path, also):
+    torch.manual_seed(0)
+    teacher = _Embedder()
+    student = sparsify.sparsify(teacher, method="block_sparse", density=0.25, block_size=16, min_size=0)
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randint(0, 50, (16, 8), generator=g) for _ in range(4)]
+    snap = state_snapshot(student)
+    tuned = sparsify.finetune(student, teacher, data, steps=20, lr=3e-3, also_train=also, progress=False)
+    assert_same_state(student, snap)
+    expected = set()
+    if "bias" in also:
+        expected |= {"body.0.bias", "body.3.bias", "body.1.bias"}
+    if "norm" in also:
+        expected |= {"body.1.weight", "body.1.bias"}
+    assert {n for n, _ in extra_parameters(tuned, also)} == expected
+    blocks = {n for n, _ in trainable_parameters(tuned)}
+    log = getattr(tuned, FINETUNE_ATTR)
+    assert set(log["trained"]) == blocks | expected and log["also_train"] == list(also)
+    after = tuned.state_dict()
+    for name, v in snap.items():
+        changed = not torch.equal(after[name], v)
+        assert changed == (name in blocks | expected), name   # the embedding and the patterns stay
+    # the same number of parameters: nothing is added, only more of them train
+    assert sum(p.numel() for p in tuned.parameters()) == sum(p.numel() for p in student.parameters())
+    # what trained is saved and loaded with the rest
+    back = sparsify.load(sparsify.save(tuned, tmp_path / "m", export=False), factory=_Embedder)
+    ids = data[0]
+    with torch.no_grad():
+        assert torch.equal(back(ids), tuned(ids))
