@@ -253,7 +253,7 @@ SETTINGS = {
 
 
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
-             hidden=(), hidden_weight=1.0, allocate=None):
+             hidden=(), hidden_weight=1.0, allocate=None, also_train=()):
     kw = dict(SETTINGS[(method, budget)], min_size=0)
     if allocate is not None:
         kw["allocate"] = allocate
@@ -278,19 +278,64 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
     rows = [row]
     for steps, minutes in ([(ft_steps, None)] if ft_steps else []) + ([(None, ft_minutes)] if ft_minutes else []):
         tuned, info = finetune(conv, enc, calib if distill is None else distill, held, ref, steps, ft_lr, minutes,
-                               hidden if minutes else (), hidden_weight)
+                               hidden if minutes else (), hidden_weight, also_train if minutes else ())
         r = dict(row, finetune_steps=info["steps"], finetune_cpu_s=info["cpu_s"], finetune_wall_s=info["wall_s"],
                  cos_mean=info["cos_mean"], cos_min=info["cos_min"], finetune_lr=ft_lr,
                  finetune_loss_first=info["loss_first"], finetune_loss_last=info["loss_last"],
                  finetune_curve=info.get("curve"), finetune_hidden=list(hidden) if minutes else [],
-                 finetune_hidden_weight=hidden_weight if minutes and hidden else None)
+                 finetune_hidden_weight=hidden_weight if minutes and hidden else None,
+                 finetune_also_train=list(also_train) if minutes else [])
         print(f"  {'':12s} {'':7s} + finetune {info['steps']} steps ({info['cpu_s']:.0f}s cpu): "
               f"cos={info['cos_mean']:.4f} (min {info['cos_min']:.4f})", flush=True)
         rows.append(r)
     return rows
 
 
-def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=(), hidden_weight=1.0):
+def run_progressive(enc, calib, held, ref, method, frac, lr, minutes, distill, hidden, hidden_weight, also_train):
+    """Gradual compression within one CPU budget: convert at two thirds of the Linear parameters,
+    distill for ``frac`` of ``minutes``, densify the student, convert that at half (calibrated,
+    allocated again), distill for what is left.  The second conversion's CPU time counts
+    against the budget; the first, like every other row's conversion, does not."""
+    kw = dict(SETTINGS[(method, "two_thirds")], min_size=0, calibration_data=calib)
+    t_cpu = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = sparsify.sparsify(enc, **kw)
+    convert_cpu = time.process_time() - t_cpu
+    one_shot = cosines(first, ref, held)
+    mid, info1 = finetune(first, enc, distill, held, ref, None, lr, minutes * frac, hidden, hidden_weight, also_train)
+    t_cpu = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second = sparsify.sparsify(sparsify.densify(mid), **dict(SETTINGS[(method, "half")], min_size=0,
+                                                                  calibration_data=calib))
+    reconvert_cpu = time.process_time() - t_cpu
+    after_reconvert = cosines(second, ref, held)
+    left = minutes - (info1["cpu_s"] + reconvert_cpu) / 60
+    tuned, info2 = finetune(second, enc, distill, held, ref, None, lr, left, hidden, hidden_weight, also_train)
+    rep = sparsify.report(second)
+    before = sum(r["params_before"] for r in rep.rows if r["site"])
+    after = linear_params(second)
+    row = {"method": method, "budget": "half", "calibrated": True, "progressive_from": "two_thirds",
+           "progressive_fraction": frac, "linear_params_before": before, "linear_params_after": after,
+           "kept": after / before, "convert_cpu_s": convert_cpu, "one_shot_two_thirds_cos_mean": one_shot[0],
+           "after_phase1_cos_mean": info1["cos_mean"], "phase1_steps": info1["steps"], "phase1_cpu_s": info1["cpu_s"],
+           "reconvert_cpu_s": reconvert_cpu, "after_reconvert_cos_mean": after_reconvert[0],
+           "phase2_steps": info2["steps"], "phase2_cpu_s": info2["cpu_s"],
+           "finetune_steps": info1["steps"] + info2["steps"],
+           "finetune_cpu_s": info1["cpu_s"] + reconvert_cpu + info2["cpu_s"],
+           "finetune_wall_s": info1["wall_s"] + info2["wall_s"], "finetune_lr": lr,
+           "cos_mean": info2["cos_mean"], "cos_min": info2["cos_min"],
+           "finetune_loss_first": info1["loss_first"], "finetune_loss_last": info2["loss_last"],
+           "finetune_hidden": list(hidden), "finetune_hidden_weight": hidden_weight if hidden else None,
+           "finetune_also_train": list(also_train)}
+    print(f"  {method:12s} progressive: two thirds one-shot {one_shot[0]:.4f} -> {info1['steps']} steps "
+          f"{info1['cos_mean']:.4f} -> half {after_reconvert[0]:.4f} ({reconvert_cpu:.0f}s) -> {info2['steps']} steps "
+          f"{info2['cos_mean']:.4f} (min {info2['cos_min']:.4f}), kept {after / before:.3f}", flush=True)
+    return [row]
+
+
+def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=(), hidden_weight=1.0, also_train=()):
     """Distill for ``steps`` steps, or in chunks until ``minutes`` of CPU time (then the held-out
     cosine after each chunk is recorded)."""
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -307,11 +352,11 @@ def finetune(conv, enc, calib, held, ref, steps, lr, minutes, hidden=(), hidden_
     # and its warm-up.)
     budget = minutes * 60
     sparsify.finetune(conv, teacher=enc, data=calib, steps=10, lr=lr, hidden=hidden,
-                      hidden_weight=hidden_weight, progress=False)
+                      hidden_weight=hidden_weight, also_train=also_train, progress=False)
     per_step = (time.process_time() - t_cpu) / 10
     steps = max(10, int((budget - (time.process_time() - t_cpu)) / per_step * 0.95))
     tuned = sparsify.finetune(conv, teacher=enc, data=calib, steps=steps, lr=lr, hidden=hidden,
-                               hidden_weight=hidden_weight, progress=False)
+                               hidden_weight=hidden_weight, also_train=also_train, progress=False)
     spent = time.process_time() - t_cpu
     log = tuned._sparsify_finetune
     mean, low = cosines(tuned, ref, held)
@@ -367,6 +412,12 @@ def main() -> None:
                          "always allocated)")
     ap.add_argument("--distill-hidden-weight", type=float, default=1.0,
                     help="the weight of each hidden-state term against the output's (finetune(hidden_weight=...))")
+    ap.add_argument("--distill-also-train", nargs="*", default=[], choices=["bias", "norm"],
+                    help="the long runs also train every bias and/or the LayerNorms (finetune(also_train=...)); "
+                         "the parameter count does not change")
+    ap.add_argument("--long-progressive", type=float, default=None, metavar="FRACTION",
+                    help="the long runs compress gradually: two thirds of the Linear parameters, distilled for "
+                         "FRACTION of the budget, then densified and converted at half, distilled for the rest")
     ap.add_argument("--long-methods", nargs="+", default=["block_sparse", "low_rank"],
                     choices=["block_sparse", "low_rank"], help="which long runs (one per process runs them in parallel)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
@@ -408,10 +459,20 @@ def main() -> None:
     hidden = [f"bert.encoder.layer.{i}" for i in range(len(enc.bert.encoder.layer))] if args.distill_hidden else []
     if args.long or args.only_long:
         for method in args.long_methods:
-            for r in run_cell(enc, calib, held, ref, method, args.long_budget, True, 0, args.distill_lr or args.lr,
-                              args.long_minutes, distill=distill, hidden=hidden,
-                              hidden_weight=args.distill_hidden_weight,
-                              allocate=False if args.long_uniform else None)[1:]:
+            if args.long_progressive is not None:
+                if not 0 < args.long_progressive < 1 or args.long_budget != "half" or args.long_uniform:
+                    sys.exit("--long-progressive FRACTION: 0 < FRACTION < 1, with --long-budget half and without "
+                             "--long-uniform")
+                got = run_progressive(enc, calib, held, ref, method, args.long_progressive, args.distill_lr or args.lr,
+                                      args.long_minutes, distill, hidden, args.distill_hidden_weight,
+                                      tuple(args.distill_also_train))
+            else:
+                got = run_cell(enc, calib, held, ref, method, args.long_budget, True, 0, args.distill_lr or args.lr,
+                               args.long_minutes, distill=distill, hidden=hidden,
+                               hidden_weight=args.distill_hidden_weight,
+                               allocate=False if args.long_uniform else None,
+                               also_train=tuple(args.distill_also_train))[1:]
+            for r in got:
                 rows.append(dict(r, distill_corpus="+".join(args.distill_corpus), distill_batch=args.distill_batch or args.batch,
                                  distill_group_by_length=args.distill_group_by_length,
                                  distill_tokens=sum(int(b["attention_mask"].sum()) for b in distill),
