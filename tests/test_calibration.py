@@ -147,6 +147,23 @@ def test_whitened_svd_output_error_equals_the_bound(out_f, in_f, seed, data):
     assert err <= plain + 1e-9 * float(torch.linalg.norm(x @ w.T))  # float64 round-off of the products
 
 
+@settings(deadline=None)
+@given(out_f=st.integers(4, 30), in_f=st.integers(4, 30), seed=st.integers(0, 10_000),
+       scale=st.sampled_from([1e-3, 1.0, 1e4]), data=st.data())
+def test_whitened_svd_factors_are_balanced_whatever_the_amount_of_data(out_f, in_f, seed, scale, data):
+    # H is a sum over tokens, so its scale grows with the data; the factors must not depend on it
+    # (Adam moves each element by about lr: a factor 30x smaller than the other trains 30x faster)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=F64)
+    h = _stats(_data(2 * in_f + 5, in_f, seed, corr=1.0)).h[0]
+    r = data.draw(st.integers(1, min(out_f, in_f)))
+    a, b = cal.whitened_svd(w, h)[1](r)
+    a2, b2 = cal.whitened_svd(w, h * scale)[1](r)
+    torch.testing.assert_close(a.norm(dim=0), b.norm(dim=1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(a2 @ b2, a @ b, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(a2.norm(dim=0), a.norm(dim=0), rtol=1e-7, atol=0)
+
+
 def test_whitened_low_rank_layer_reaches_the_bound_end_to_end():
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).double()
