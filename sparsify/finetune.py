@@ -118,7 +118,7 @@ def _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, l
             raise ValueError(f"finetune: invalid {name}={v!r}: expected a finite number >= 0.")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"finetune: invalid log_every={log_every!r}: expected an int >= 1.")
-    if isinstance(also_train, str) or any(a not in ALSO_TRAIN for a in also_train):
+    if not isinstance(also_train, (tuple, list)) or any(a not in ALSO_TRAIN for a in also_train):
         raise ValueError(f"finetune: invalid also_train={also_train!r}: expected a tuple of "
                          f"{', '.join(map(repr, ALSO_TRAIN))} (or () for the stored blocks and factors only).")
     if loss not in _LOSSES:

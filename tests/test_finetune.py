@@ -98,6 +98,7 @@ def test_inplace_trains_the_given_model():
     (dict(outputs=["logits"]), "no output 'logits'"), (dict(weight_decay=float("nan")), "weight_decay"),
     (dict(hidden_weight=-1.0), "hidden_weight"), (dict(hidden_weight=True), "hidden_weight"),
     (dict(also_train="bias"), "also_train"), (dict(also_train=("bias", "embedding")), "also_train"),
+    (dict(also_train=3), "also_train"),
 ])
 def test_bad_input_is_refused(kw, match):
     teacher = _teacher()
