@@ -228,6 +228,10 @@ def linear_params(model: nn.Module) -> int:
                for r in rep.rows if r["site"])
 
 
+def linear_params_before(model: nn.Module) -> int:
+    return sum(r["params_before"] for r in sparsify.report(model).rows if r["site"])
+
+
 def cosines(model: nn.Module, ref: torch.Tensor, held: list[dict]) -> tuple[float, float]:
     with torch.no_grad():
         emb = torch.cat([model(**b) for b in held])
@@ -252,6 +256,15 @@ SETTINGS = {
 }
 
 
+def convert(model, kw):
+    """``sparsify.sparsify(model, **kw)`` with its warnings silenced: (converted, CPU s, wall s)."""
+    t_cpu, t_wall = time.process_time(), time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = sparsify.sparsify(model, **kw)
+    return conv, time.process_time() - t_cpu, time.perf_counter() - t_wall
+
+
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
              hidden=(), hidden_weight=1.0, allocate=None, also_train=()):
     kw = dict(SETTINGS[(method, budget)], min_size=0)
@@ -259,14 +272,9 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
         kw["allocate"] = allocate
     if calibrated:
         kw["calibration_data"] = calib
-    t_cpu, t_wall = time.process_time(), time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        conv = sparsify.sparsify(enc, **kw)
-    convert_cpu, convert_wall = time.process_time() - t_cpu, time.perf_counter() - t_wall
+    conv, convert_cpu, convert_wall = convert(enc, kw)
     rep = sparsify.report(conv)
-    before = sum(r["params_before"] for r in rep.rows if r["site"])
-    after = linear_params(conv)
+    before, after = linear_params_before(conv), linear_params(conv)
     mean, low = cosines(conv, ref, held)
     row = {"method": method, "budget": budget, "calibrated": calibrated, "linear_params_before": before,
            "linear_params_after": after, "kept": after / before, "convert_cpu_s": convert_cpu,
@@ -296,26 +304,15 @@ def run_progressive(enc, calib, held, ref, method, frac, lr, minutes, distill, h
     distill for ``frac`` of ``minutes``, densify the student, convert that at half (calibrated,
     allocated again), distill for what is left.  The second conversion's CPU time counts
     against the budget; the first, like every other row's conversion, does not."""
-    kw = dict(SETTINGS[(method, "two_thirds")], min_size=0, calibration_data=calib)
-    t_cpu = time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = sparsify.sparsify(enc, **kw)
-    convert_cpu = time.process_time() - t_cpu
+    first, convert_cpu, _ = convert(enc, dict(SETTINGS[(method, "two_thirds")], min_size=0, calibration_data=calib))
     one_shot = cosines(first, ref, held)
     mid, info1 = finetune(first, enc, distill, held, ref, None, lr, minutes * frac, hidden, hidden_weight, also_train)
-    t_cpu = time.process_time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        second = sparsify.sparsify(sparsify.densify(mid), **dict(SETTINGS[(method, "half")], min_size=0,
-                                                                  calibration_data=calib))
-    reconvert_cpu = time.process_time() - t_cpu
+    second, reconvert_cpu, _ = convert(sparsify.densify(mid), dict(SETTINGS[(method, "half")], min_size=0,
+                                                                    calibration_data=calib))
     after_reconvert = cosines(second, ref, held)
     left = minutes - (info1["cpu_s"] + reconvert_cpu) / 60
     tuned, info2 = finetune(second, enc, distill, held, ref, None, lr, left, hidden, hidden_weight, also_train)
-    rep = sparsify.report(second)
-    before = sum(r["params_before"] for r in rep.rows if r["site"])
-    after = linear_params(second)
+    before, after = linear_params_before(second), linear_params(second)
     row = {"method": method, "budget": "half", "calibrated": True, "progressive_from": "two_thirds",
            "progressive_fraction": frac, "linear_params_before": before, "linear_params_after": after,
            "kept": after / before, "convert_cpu_s": convert_cpu, "one_shot_two_thirds_cos_mean": one_shot[0],

@@ -33,8 +33,10 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,11 +203,7 @@ def _shuffle_pack(raw: bytes) -> bytes:
     """``raw`` with the k-th byte of every 4-byte word gathered together (k = 0..3), then zlib:
     float32 weights' sign / exponent bytes are nearly constant and compress, where the plain bytes
     barely do (83% against 91% of the size).  Header: magic, then the length of ``raw``."""
-    import zlib
-
     pad = (-len(raw)) % 4
-    import numpy as np
-
     words = np.frombuffer(raw + bytes(pad), dtype=np.uint8).reshape(-1, 4)
     return _MAGIC + len(raw).to_bytes(8, "little") + zlib.compress(words.T.tobytes(), 6)
 
@@ -213,10 +211,6 @@ def _shuffle_pack(raw: bytes) -> bytes:
 def _shuffle_unpack(packed: bytes) -> bytes:
     """The inverse of :func:`_shuffle_pack`; checks the header and the length, and never inflates
     more than the header's length (at most 1 GiB), so a damaged or hostile file cannot fill memory."""
-    import zlib
-
-    import numpy as np
-
     if packed[:8] != _MAGIC:
         raise ValueError(f"not a {PACKED} file made by 'distill_sweep.py prepare' (bad header)")
     n = int.from_bytes(packed[8:16], "little")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparsify.passes.block_sparsify_layers import layer_seed
 from torch import nn
 
 import sparsify
 from sparsify.modules.block_sparse_conv import BlockSparseConv2d
 from sparsify.modules.block_sparse_lstm import BlockSparseLSTM
-from sparsify.passes.block_sparsify_layers import layer_seed
 from sparsify.patterns import small_world_layout
 
 from .helpers import rel_err
