@@ -268,3 +268,34 @@ def _ns(layout):
     from types import SimpleNamespace
 
     return SimpleNamespace(**layout.metadata())
+
+
+@given(problem=problems(dtypes=(torch.float64,)), chunk_bytes=st.sampled_from((1, 4096, 1 << 20)))
+def test_gathered_dw_in_chunks_equals_dense_reference(problem, chunk_bytes):
+    """The gathered dW runs over chunks of stored blocks bounded by _DW_GATHER_BYTES; with 1 byte
+    every block is its own chunk.  Each chunk size gives dW of the stored blocks exactly (float64),
+    as the dense path does."""
+    layout, values, x, *_ = problem
+    out_f, in_f = layout.shape
+    dy = torch.randn(x.shape[0], out_f, dtype=x.dtype, generator=torch.Generator().manual_seed(3))
+    ref = layout.values_from_dense(dy.T @ x)  # dW restricted to the stored blocks
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cpu, "_DW_GATHER_BYTES", chunk_bytes)
+    try:
+        for path in ("gather", "dense"):
+            got = _run(path, mp, lambda: cpu.CPUExecutor().grad_weight(dy, x, _ns(layout), layout.block_size))
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=lambda s, p=path: f"{p}: {s}")
+    finally:
+        mp.undo()
+
+
+@given(rows=st.integers(1, 1 << 16), density=st.floats(0.0, 1.0), forced=st.sampled_from((None, *cpu.PATHS)))
+def test_dw_path_follows_its_cost_model(rows, density, forced):
+    """dW is gathered only below the density that row count's rule gives (and for a forced
+    bsr / gather path); a forced dense path is always dense."""
+    path = _run(forced or "auto", pytest.MonkeyPatch(), lambda: cpu.dw_path(rows, density))
+    if forced:
+        assert path == ("dense" if forced == "dense" else "gather")
+    else:
+        limit = cpu.DW_GATHER_DENSITY_FEW_ROWS if rows <= cpu.DW_GATHER_FEW_ROWS else cpu.DW_GATHER_DENSITY
+        assert path == ("gather" if density < limit else "dense")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..layout import gather_blocks, scatter_blocks
 
-__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
+__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "dw_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
            "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -77,13 +77,25 @@ SMALL_GATHER_ROWS = 256
 SMALL_GATHER_DENSITY = 0.175
 SMALL_GATHER_FEW_ROWS = 64
 SMALL_GATHER_FEW_ROWS_DENSITY = 0.3
-# Kept for callers of the first version: the density above which dW is
-# computed as one dense product and its stored blocks picked out.
+# dW (the stored blocks' gradient) is one dense product ``dy.T @ x`` with its stored blocks picked
+# out, unless the gathered batched matmul (one small ``[b, M] @ [M, b]`` product per stored block)
+# is cheaper: always for a few rows, and below DW_GATHER_DENSITY otherwise.  Fitted 2026-12-01 at
+# 1 and 2 threads on 4096x4096 / block 32 (M = 1, 64, 1024) and MiniLM's 384x1536 / 1536x384 /
+# block 16 (M = 336, 2048): with many rows the batched matmul runs at about a seventh of the dense
+# GEMM's rate (4096^2, M = 1024: 87 ms at density 0.1 against 131 dense, 204 at 0.25 against 135);
+# with 64 rows or fewer it wins up to density 0.5 (30 against 37 ms).  docs/benchmarks.md.
+DW_GATHER_FEW_ROWS = 64
+DW_GATHER_DENSITY_FEW_ROWS = 0.6
+DW_GATHER_DENSITY = 0.15
+# Kept for callers of the first version (no longer read: DW_GATHER_DENSITY* replaced it).
 DENSE_ABOVE_DENSITY = 0.3
 # torch's CPU BSR matmul supports these dtypes (MKL; bf16 and fp16 raise).
 _BSR_DTYPES = (torch.float32, torch.float64)
 # Upper bound on the temporaries of the gather paths (bytes).
 _GATHER_BYTES = 64 << 20
+# ... of the gathered dW, whose two temporaries are read once each: 4 MiB chunks stay in cache
+# (4096^2, M = 1024, density 0.25: 204 ms against 673 with 64 MiB chunks; 1 MiB: 238).
+_DW_GATHER_BYTES = 4 << 20
 
 # torch warns on every BSR construction that the format is in beta; we use it
 # deliberately and test it, so the warning says nothing to our users.
@@ -151,6 +163,24 @@ def choose_path(rows: int, density: float, dtype: torch.dtype, weight_elems: int
         return "dense"
     limit = BSR_MAX_DENSITY_FEW_ROWS if rows <= BSR_FEW_ROWS else BSR_MAX_DENSITY
     return "bsr" if density < limit else "dense"
+
+
+def dw_path(rows: int, density: float) -> str:
+    """How ``grad_weight`` computes dW for ``rows`` rows at block ``density``: ``"dense"`` (one
+    dense product, stored blocks picked out) or ``"gather"`` (a batched matmul over the stored
+    blocks).  ``SPARSIFY_CPU_PATH=dense`` forces the first, ``bsr`` / ``gather`` the second.
+
+    Example:
+        >>> dw_path(1024, 0.25), dw_path(1024, 0.1), dw_path(64, 0.5)
+        ('dense', 'gather', 'gather')
+    """
+    forced = os.environ.get("SPARSIFY_CPU_PATH")
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"SPARSIFY_CPU_PATH={forced!r}: expected one of {PATHS}.")
+        return "dense" if forced == "dense" else "gather"
+    limit = DW_GATHER_DENSITY_FEW_ROWS if rows <= DW_GATHER_FEW_ROWS else DW_GATHER_DENSITY
+    return "gather" if density < limit else "dense"
 
 
 # ------------------------------------------------- forms derived from weights
@@ -342,10 +372,10 @@ class CPUExecutor:
         nnz = cols.numel()
         dyp = _pad_cols(dy, nbr * b).view(m, nbr, b)
         xp = _pad_cols(x, nbc * b).view(m, nbc, b)
-        if _density(meta, nbr, nbc) >= DENSE_ABOVE_DENSITY and os.environ.get("SPARSIFY_CPU_PATH") in (None, "", "dense"):
+        if dw_path(m, _density(meta, nbr, nbc)) == "dense":
             return gather_blocks(dyp.reshape(m, -1).T @ xp.reshape(m, -1), rows, cols, b)
         out = x.new_empty(nnz, b, b)
-        chunk = max(1, _GATHER_BYTES // max(1, 2 * m * b * x.element_size()))
+        chunk = max(1, _DW_GATHER_BYTES // max(1, 2 * m * b * x.element_size()))
         for start in range(0, nnz, chunk):  # chunks of blocks, not single blocks
             sl = slice(start, start + chunk)
             g = dyp.index_select(1, rows[sl]).permute(1, 2, 0)  # [k, b, M]
