@@ -299,3 +299,58 @@ def test_dw_path_follows_its_cost_model(rows, density, forced):
     else:
         limit = cpu.DW_GATHER_DENSITY_FEW_ROWS if rows <= cpu.DW_GATHER_FEW_ROWS else cpu.DW_GATHER_DENSITY
         assert path == ("gather" if density < limit else "dense")
+
+
+@given(
+    rows=st.integers(1, 1 << 14),
+    density=st.floats(0.0, 1.0),
+    dtype=st.sampled_from(DTYPES + (torch.float16,)),
+    elems=st.integers(1, 1 << 26),
+    product=st.sampled_from(("forward", "grad_input")),
+    path=st.sampled_from(cpu.PATHS),
+    forced=st.sampled_from((None, *cpu.PATHS)),
+)
+def test_rebuilt_path_only_moves_large_weights_off_dense(rows, density, dtype, elems, product, path, forced):
+    """A rebuilt weight only changes a dense choice, only for weights above SMALL_WEIGHT, never
+    under a forced path, and never to torch's BSR for a dtype it does not take."""
+    got = _run(forced or "auto", pytest.MonkeyPatch(),
+               lambda: cpu.rebuilt_path(path, rows, density, dtype, elems, product))
+    if forced or path != "dense" or elems <= cpu.SMALL_WEIGHT:
+        assert got == path
+    else:
+        assert got in cpu.PATHS
+        assert got != "bsr" or dtype in (torch.float32, torch.float64)
+        if rows <= cpu.REBUILT_GATHER_ROWS and density < cpu.REBUILT_GATHER_DENSITY:
+            assert got == "gather"
+
+
+def test_rebuilt_path_rejects_unknown_products():
+    with pytest.raises(ValueError, match="product='backward'"):
+        cpu.rebuilt_path("dense", 1, 0.5, torch.float32, 1 << 26, "backward")
+
+
+@given(problem=problems(dtypes=(torch.float64,)))
+def test_train_mode_paths_for_large_weights_equal_dense_autograd(problem):
+    """With SMALL_WEIGHT at 0 every drawn layer counts as large, so train-mode calls (nothing
+    cached) take ``rebuilt_path``'s gathered and BSR choices; outputs and gradients still equal
+    autograd of the dense masked reference."""
+    layout, values, x, bias, residual, activation = problem
+    out_f, in_f = layout.shape
+    g = torch.randn(x.shape[0], out_f, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ours = [t.clone().requires_grad_(True) if t is not None else None for t in (x, values, bias, residual)]
+    ref = [t.clone().requires_grad_(True) if t is not None else None for t in (x, values, bias, residual)]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cpu, "SMALL_WEIGHT", 0)
+    try:
+        xs, vs, bs, rs = ours
+        y = _run("auto", mp, lambda: torch.ops.sparsify.bsmm(xs, vs, *_meta(layout), bs, rs, out_f, in_f, activation,
+                                                              None, False))
+        _run("auto", mp, lambda: y.backward(g))
+    finally:
+        mp.undo()
+    want = _reference(layout, *ref[1:2], ref[0], ref[2], ref[3], activation)
+    torch.testing.assert_close(y, want, rtol=1e-9, atol=1e-9)
+    want.backward(g)
+    for name, a, b in zip(("dX", "dW (stored blocks)", "dbias", "dresidual"), ours, ref):
+        if a is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9, msg=lambda s, n=name: f"{n}: {s}")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..layout import gather_blocks, scatter_blocks
 
-__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "dw_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
+__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "dw_path", "rebuilt_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
            "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -87,6 +87,21 @@ SMALL_GATHER_FEW_ROWS_DENSITY = 0.3
 DW_GATHER_FEW_ROWS = 64
 DW_GATHER_DENSITY_FEW_ROWS = 0.6
 DW_GATHER_DENSITY = 0.15
+# Train mode (or grad on): nothing is cached, so the dense path rebuilds the weight from its
+# blocks on every forward and dX call.  For a large weight that costs more than the GEMM at few
+# rows: a fresh 64 MiB buffer alone takes ~30 ms to fault in (4096 x 4096; the GEMM at 64 rows
+# takes 20).  ``rebuilt_path`` then moves large weights off the dense path, where measured
+# (2026-12-01, 4096 x 4096 / block 32, M = 1..1024, density 0.25-0.6, 1 and 2 threads;
+# docs/benchmarks.md): the gathered matmul up to REBUILT_GATHER_ROWS rows, torch's BSR below the
+# densities below for the forward, and for dX only with many rows (its BSR runs on transposed
+# blocks and lost at 64-256 rows).
+REBUILT_GATHER_ROWS = 16
+REBUILT_GATHER_DENSITY = 0.65
+REBUILT_BSR_FEW_ROWS = 64
+REBUILT_BSR_DENSITY_FEW_ROWS = 0.65  # forward, up to REBUILT_BSR_FEW_ROWS rows
+REBUILT_BSR_DENSITY_MID_ROWS = 0.55  # forward, up to BSR_FEW_ROWS rows
+REBUILT_BSR_DENSITY = 0.3  # forward, more rows (at 0.35 / 1024 rows BSR won at 1 thread, lost at 2)
+REBUILT_DX_BSR_DENSITY = 0.3  # dX, more than BSR_FEW_ROWS rows
 # Kept for callers of the first version (no longer read: DW_GATHER_DENSITY* replaced it).
 DENSE_ABOVE_DENSITY = 0.3
 # torch's CPU BSR matmul supports these dtypes (MKL; bf16 and fp16 raise).
@@ -163,6 +178,38 @@ def choose_path(rows: int, density: float, dtype: torch.dtype, weight_elems: int
         return "dense"
     limit = BSR_MAX_DENSITY_FEW_ROWS if rows <= BSR_FEW_ROWS else BSR_MAX_DENSITY
     return "bsr" if density < limit else "dense"
+
+
+def rebuilt_path(path: str, rows: int, density: float, dtype: torch.dtype, weight_elems: int, product: str) -> str:
+    """``path`` (``choose_path``'s choice) revised for a call whose dense path would rebuild the
+    weight from its blocks (nothing cached: train mode or grad on); ``product`` is ``"forward"``
+    or ``"grad_input"``.  Only large weights (above SMALL_WEIGHT elements) change; a forced
+    ``SPARSIFY_CPU_PATH`` never does.
+
+    Example:
+        >>> rebuilt_path("dense", 1, 0.5, torch.float32, 4096 * 4096, "forward")
+        'gather'
+        >>> rebuilt_path("dense", 64, 0.5, torch.float32, 4096 * 4096, "forward")
+        'bsr'
+        >>> rebuilt_path("dense", 64, 0.5, torch.float32, 4096 * 4096, "grad_input")
+        'dense'
+        >>> rebuilt_path("dense", 64, 0.5, torch.float32, 768 * 3072, "forward")  # a small weight
+        'dense'
+    """
+    if product not in ("forward", "grad_input"):
+        raise ValueError(f"rebuilt_path: product={product!r}: expected 'forward' or 'grad_input'.")
+    if path != "dense" or weight_elems <= SMALL_WEIGHT or os.environ.get("SPARSIFY_CPU_PATH"):
+        return path
+    if rows <= REBUILT_GATHER_ROWS and density < REBUILT_GATHER_DENSITY:
+        return "gather"
+    if dtype not in _BSR_DTYPES:
+        return path
+    if product == "forward":
+        limit = (REBUILT_BSR_DENSITY_FEW_ROWS if rows <= REBUILT_BSR_FEW_ROWS
+                 else REBUILT_BSR_DENSITY_MID_ROWS if rows <= BSR_FEW_ROWS else REBUILT_BSR_DENSITY)
+    else:
+        limit = REBUILT_DX_BSR_DENSITY if rows > BSR_FEW_ROWS else 0.0
+    return "bsr" if density < limit else path
 
 
 def dw_path(rows: int, density: float) -> str:
@@ -317,7 +364,10 @@ class CPUExecutor:
         nnz, b, _ = values.shape
         nbr = meta.row_offsets.numel() - 1
         nbc = -(-k // b)
-        path = choose_path(m, _density(meta, nbr, nbc), x.dtype, out_features * k)
+        density = _density(meta, nbr, nbc)
+        path = choose_path(m, density, x.dtype, out_features * k)
+        if x.device.type == "cpu" and not _cacheable(values, static_weight):  # fitted on CPUs only
+            path = rebuilt_path(path, m, density, x.dtype, out_features * k, "forward")
         if path == "dense":
             wt = dense_weight(values, meta, (out_features, k), static_weight).T
             if bias is not None and bias.dtype == x.dtype:
@@ -346,7 +396,10 @@ class CPUExecutor:
         nnz, b, _ = values.shape
         nbr = meta.row_offsets.numel() - 1
         nbc = meta.t_row_offsets.numel() - 1
-        path = choose_path(m, _density(meta, nbr, nbc), dy.dtype)
+        density = _density(meta, nbr, nbc)
+        path = choose_path(m, density, dy.dtype)
+        if dy.device.type == "cpu":  # fitted on CPUs only
+            path = rebuilt_path(path, m, density, dy.dtype, n * in_features, "grad_input")
         if path == "dense":
             return dy @ dense_weight(values, meta, (n, in_features))
         t_ids = meta.t_block_ids.long()

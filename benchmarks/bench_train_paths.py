@@ -1,15 +1,18 @@
-"""The CPU executor's dW cost model before and after its 2026-12-01 refit, in one run.
+"""The CPU executor's train-mode path choice before and after its 2026-12-01 refit, in one run.
 
 A training step of ``BlockSparseLinear`` (forward, then dX and dW) under the first version's
-dW rule (the gathered batched matmul below density 0.3 at any row count, in 64 MiB chunks)
-and under the refit one (``runtime/executors/cpu.py``: ``dw_path``, ``DW_GATHER_*``,
-``_DW_GATHER_BYTES``), against dense autograd of ``x @ W.T`` (dW of the full matrix).  The
+rules and under the refit ones, against dense autograd of ``x @ W.T`` (dW of the full matrix).
+The first version gathered dW below density 0.3 at any row count, in 64 MiB chunks, and chose the
+forward and dX paths as for inference, where the dense weight is cached.  The refit
+(``runtime/executors/cpu.py``) gathers dW only where that wins (``dw_path``, ``DW_GATHER_*``,
+``_DW_GATHER_BYTES``).  It also moves large weights off the dense path when that path would
+rebuild the weight on every call (``rebuilt_path``, ``REBUILT_*``).  The
 three run in turn inside every round (``sparsify.bench.time_interleaved``), so load that comes
 and goes falls on all of them alike; medians, warm-up excluded.  The shapes: the 4096 x 4096 /
 block 32 of ``python -m sparsify.bench bsmm``, and MiniLM's FFN projections (384 x 1536 and
 1536 x 384, block 16) at 336 rows, a distillation batch of ``bench_accuracy.py``.
 
-    python benchmarks/bench_dw_paths.py [--threads 1] [--out FILE]
+    python benchmarks/bench_train_paths.py [--threads 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -36,14 +39,22 @@ RULES = {"first": (0.3, 0, 64 << 20),
          "refit": (cpu.DW_GATHER_DENSITY, cpu.DW_GATHER_FEW_ROWS, cpu._DW_GATHER_BYTES)}
 
 
+_REBUILT_PATH = cpu.rebuilt_path
+
+
+def _unchanged(path, *_):
+    return path
+
+
 def _use(rule: str) -> None:
     cpu.DW_GATHER_DENSITY, cpu.DW_GATHER_FEW_ROWS, cpu._DW_GATHER_BYTES = RULES[rule]
+    cpu.rebuilt_path = _REBUILT_PATH if rule == "refit" else _unchanged
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(HERE / "results" / "bsmm_cpu_dw_paths.json"))
+    ap.add_argument("--out", default=None, help="default: results/bsmm_cpu_train_paths_<threads>thread.json")
     args = ap.parse_args()
     if os.environ.get("SPARSIFY_CPU_PATH"):
         raise SystemExit("unset SPARSIFY_CPU_PATH: it overrides the rules compared here")
@@ -80,6 +91,11 @@ def main() -> None:
                     row = {"shape": [n, k], "block": b, "density": density, "M": m,
                            "dw_path_first": "gather" if layout.density < RULES["first"][0] else "dense",
                            "dw_path_refit": cpu.dw_path(m, layout.density),
+                           "forward_path_refit": _REBUILT_PATH(
+                               cpu.choose_path(m, layout.density, torch.float32, n * k), m, layout.density,
+                               torch.float32, n * k, "forward"),
+                           "dx_path_refit": _REBUILT_PATH(cpu.choose_path(m, layout.density, torch.float32), m,
+                                                          layout.density, torch.float32, n * k, "grad_input"),
                            "median_ms": {name: round(v, 4) for name, v in med.items()},
                            "first_over_dense": round(med["first"] / med["dense"], 3),
                            "refit_over_dense": round(med["refit"] / med["dense"], 3)}
@@ -89,13 +105,14 @@ def main() -> None:
                           flush=True)
     finally:
         _use("refit")
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / f"bsmm_cpu_train_paths_{args.threads}thread.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"benchmark": "bsmm dW paths", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    tmp.write_text(json.dumps({"benchmark": "bsmm train-mode paths", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                                "machine": _machine(), "threads": args.threads, "rules": {
                                    k: {"DW_GATHER_DENSITY": v[0], "DW_GATHER_FEW_ROWS": v[1],
-                                       "DW_GATHER_BYTES": v[2]} for k, v in RULES.items()},
+                                       "DW_GATHER_BYTES": v[2], "rebuilt_path": k == "refit"}
+                                   for k, v in RULES.items()},
                                "rows": rows}, indent=1))
     os.replace(tmp, out)
     print(f"wrote {out}")
