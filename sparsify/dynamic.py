@@ -238,6 +238,7 @@ class DynamicSparsity:
         >>> import torch
         >>> from sparsify.modules.block_sparse_conv import BlockSparseConv2d
         >>> from sparsify.patterns import random_layout
+        >>> _ = torch.manual_seed(0)  # SET may regrow the very blocks it dropped (then nothing changes)
         >>> conv = BlockSparseConv2d(32, 32, 3, random_layout((32, 32), 8, 0.25, seed=0), padding=1)
         >>> opt = torch.optim.Adam(conv.parameters())
         >>> dyn = DynamicSparsity(conv, opt, mode="set", update_every=1, seed=0)
