@@ -224,14 +224,11 @@ def length_grouped_batches(tok, sents: list[str], size: int, seed: int = 0) -> l
     return [dict(tok(g, padding=True, truncation=True, max_length=128, return_tensors="pt")) for g in groups]
 
 
-def linear_params(model: nn.Module) -> int:
-    rep = sparsify.report(model)
-    return sum(r["params_after"] if r["params_after"] is not None else r["params_before"]
-               for r in rep.rows if r["site"])
-
-
-def linear_params_before(model: nn.Module) -> int:
-    return sum(r["params_before"] for r in sparsify.report(model).rows if r["site"])
+def linear_params(rep) -> tuple[int, int]:
+    """(before, after): the Linear parameters of the layers a ``sparsify.report`` covers."""
+    sites = [r for r in rep.rows if r["site"]]
+    return (sum(r["params_before"] for r in sites),
+            sum(r["params_after"] if r["params_after"] is not None else r["params_before"] for r in sites))
 
 
 def cosines(model: nn.Module, ref: torch.Tensor, held: list[dict]) -> tuple[float, float]:
@@ -270,7 +267,7 @@ def convert(model, kw):
 def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr, ft_minutes=None, distill=None,
              hidden=(), hidden_weight=1.0, allocate=None, also_train=(), fit_sets=None):
     """One conversion and its distillations; ``fit_sets`` (name -> (batches, reference embeddings))
-    adds each row's mean cosine on those sentences as ``cos_mean_<name>``."""
+    adds each distilled row's mean cosine on those sentences as ``cos_mean_<name>``."""
     kw = dict(SETTINGS[(method, budget)], min_size=0)
     if allocate is not None:
         kw["allocate"] = allocate
@@ -278,15 +275,13 @@ def run_cell(enc, calib, held, ref, method, budget, calibrated, ft_steps, ft_lr,
         kw["calibration_data"] = calib
     conv, convert_cpu, convert_wall = convert(enc, kw)
     rep = sparsify.report(conv)
-    before, after = linear_params_before(conv), linear_params(conv)
+    before, after = linear_params(rep)
     mean, low = cosines(conv, ref, held)
     row = {"method": method, "budget": budget, "calibrated": calibrated, "linear_params_before": before,
            "linear_params_after": after, "kept": after / before, "convert_cpu_s": convert_cpu,
            "convert_wall_s": convert_wall, "cos_mean": mean, "cos_min": low,
            "dense_layers": sum(1 for r in rep.rows if r["site"] and r["method"] == "dense"),
            "model_error_calibration": rep.model_error}
-    for name, (sets, want) in (fit_sets or {}).items():
-        row[f"cos_mean_{name}"] = cosines(conv, want, sets)[0]
     print(f"  {method:12s} {budget:7s} calib={calibrated!s:5s} kept={after / before:.3f} cos={mean:.4f} "
           f"(min {low:.4f}) convert {convert_cpu:.0f}s cpu", flush=True)
     rows = [row]
@@ -321,7 +316,7 @@ def run_progressive(enc, calib, held, ref, method, frac, lr, minutes, distill, h
     after_reconvert = cosines(second, ref, held)
     left = minutes - (info1["cpu_s"] + reconvert_cpu) / 60
     tuned, info2 = finetune(second, enc, distill, held, ref, None, lr, left, hidden, hidden_weight, also_train)
-    before, after = linear_params_before(second), linear_params(second)
+    before, after = linear_params(sparsify.report(second))
     row = {"method": method, "budget": "half", "calibrated": True, "progressive_from": "two_thirds",
            "progressive_fraction": frac, "linear_params_before": before, "linear_params_after": after,
            "kept": after / before, "convert_cpu_s": convert_cpu, "one_shot_two_thirds_cos_mean": one_shot[0],

@@ -102,8 +102,6 @@ REBUILT_BSR_DENSITY_FEW_ROWS = 0.65  # forward, up to REBUILT_BSR_FEW_ROWS rows
 REBUILT_BSR_DENSITY_MID_ROWS = 0.55  # forward, up to BSR_FEW_ROWS rows
 REBUILT_BSR_DENSITY = 0.3  # forward, more rows (at 0.35 / 1024 rows BSR won at 1 thread, lost at 2)
 REBUILT_DX_BSR_DENSITY = 0.3  # dX, more than BSR_FEW_ROWS rows
-# Kept for callers of the first version (no longer read: DW_GATHER_DENSITY* replaced it).
-DENSE_ABOVE_DENSITY = 0.3
 # torch's CPU BSR matmul supports these dtypes (MKL; bf16 and fp16 raise).
 _BSR_DTYPES = (torch.float32, torch.float64)
 # Upper bound on the temporaries of the gather paths (bytes).
