@@ -16,8 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import (DEFAULT_DAMPING, InputStats, centered, corrected_bias, damped, output_error, refit_blocks,
-                           select_blocks)
+from ..calibration import (
+    DEFAULT_DAMPING,
+    InputStats,
+    centered,
+    corrected_bias,
+    damped,
+    output_error,
+    refit_blocks,
+    select_blocks,
+)
 from ..modules.block_sparse import BlockSparseLinear
 from ..patterns import magnitude_layout
 from .infra import PassContext, PassResult

@@ -35,8 +35,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..calibration import (DEFAULT_DAMPING, InputStats, centered, collect_stats, corrected_bias, damped, output_error,
-                           probe, refit_factors, site_watch, weight_groups)
+from ..calibration import (
+    DEFAULT_DAMPING,
+    InputStats,
+    centered,
+    collect_stats,
+    corrected_bias,
+    damped,
+    output_error,
+    probe,
+    refit_factors,
+    site_watch,
+    weight_groups,
+)
 from ..decision import Plan
 from .block_sparsify import convert as _block_sparse_convert
 from .factorize_low_rank import convert as _low_rank_convert
@@ -199,7 +210,7 @@ def calibrate(module: nn.Module, ctx: PassContext) -> PassResult:
         for method, ds in by_method.items():
             convert = _CONVERTERS[method]
 
-            def run(site, params, convert=convert):
+            def run(site, params, convert=convert, method=method, whitened=whitened, stats=stats):
                 extra = ({"whitened": whitened.get(site.key)} if method == "low_rank" else
                          {"selection": getattr(cfg, "block_selection", "saliency")} if method == "block_sparse" else {})
                 extra["correct_bias"] = getattr(cfg, "correct_bias", True)

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..calibration import DEFAULT_DAMPING, InputStats, centered, corrected_bias, damped, output_error, whitened_svd
+from ..calibration import (
+    DEFAULT_DAMPING,
+    InputStats,
+    centered,
+    corrected_bias,
+    damped,
+    output_error,
+    whitened_svd,
+)
 from ..modules.low_rank import LowRankLinear, svd_rank
 from .infra import PassContext, PassResult
 from .rewrite import carry_out

@@ -168,17 +168,16 @@ def _fx_functional(gm: fx.GraphModule, root: nn.Module, sites: dict) -> None:
         if node.op != "call_function":
             continue
         args = list(node.args)
-        x = w = b = None
+        w = b = None
         transposed = False
         if node.target in LINEAR_FUNCTIONS:
             args += [None] * 3
-            x = node.kwargs.get("input", args[0])
             w, b = node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
         elif node.target in _MATMULS and len(args) == 2 and not node.kwargs:
-            x, (w, t) = args[0], _unwrap_t(args[1])
+            w, t = _unwrap_t(args[1])
             transposed = not t
         elif node.target in _ADDMM and len(args) == 3 and not node.kwargs:
-            b, x, (w, t) = args[0], args[1], _unwrap_t(args[2])
+            b, (w, t) = args[0], _unwrap_t(args[2])
             transposed = not t
         else:
             continue
@@ -225,16 +224,16 @@ def _export_functional(ep, root: nn.Module, sites: dict, module_params: set[int]
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        x = w = b = None
+        w = b = None
         transposed = False
         if node.target is aten.linear.default:
-            x, w = node.args[0], node.args[1]
+            w = node.args[1]
             b = node.args[2] if len(node.args) > 2 else None
         elif node.target in (aten.matmul.default, aten.mm.default) and len(node.args) == 2:
-            x, (w, t) = node.args[0], unwrap(node.args[1])
+            w, t = unwrap(node.args[1])
             transposed = not t
         elif node.target is aten.addmm.default and len(node.args) == 3 and not node.kwargs:
-            b, x, (w, t) = node.args[0], node.args[1], unwrap(node.args[2])
+            b, (w, t) = node.args[0], unwrap(node.args[2])
             transposed = not t
         else:
             continue

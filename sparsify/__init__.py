@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import runtime  # noqa: F401  (registers torch.ops.sparsify.*)
+from . import runtime  # noqa: F401, I001  (registers torch.ops.sparsify.*; first)
 from . import dynamic, patterns  # noqa: F401  (training from scratch: sparsify.patterns, sparsify.dynamic)
 from .api import densify, report, sparsify
 from .config import Rule, SparsifyConfig

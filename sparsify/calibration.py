@@ -557,7 +557,9 @@ def _unfold_rows(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, gr
     if x.dim() == dim + 1:  # unbatched
         x = x.unsqueeze(0)
     k = tuple(w.shape[2:])
-    tup = (lambda v: (v,) * dim if isinstance(v, int) else tuple(v))
+    def tup(v):
+        return (v,) * dim if isinstance(v, int) else tuple(v)
+
     stride, dilation = tup(stride), tup(dilation)
     if isinstance(padding, str):
         if padding == "valid":
@@ -745,7 +747,7 @@ def sensitivity(model: nn.Module, watches: Sequence[Watch], data: CalibrationDat
             gen = torch.Generator(device=device or "cpu").manual_seed(i)
             hit = [False]
 
-            def perturb(t: Watch, y: torch.Tensor, conv: bool = False, watch=watch, gen=gen) -> torch.Tensor:
+            def perturb(t: Watch, y: torch.Tensor, conv: bool = False, watch=watch, gen=gen, hit=hit) -> torch.Tensor:
                 if t is not watch:
                     return y
                 hit[0] = True

@@ -149,7 +149,7 @@ class _Recorder:
         self.data: dict[int, dict] = {}
         self.handles = []
         owners = {}
-        for name, mod in model.named_modules():
+        for _, mod in model.named_modules():
             if hasattr(mod, "sparse_weights") and hasattr(mod, "_cells"):  # BlockSparseLSTM
                 mod._dynamic_record = None
                 owners[id(mod)] = mod
@@ -347,7 +347,6 @@ class DynamicSparsity:
 
     def _decide(self, idx: int, name: str, mod, lay: BlockSparseLayout, k: int, step: int,
                 values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        nbr, nbc = lay.n_block_rows, lay.n_block_cols
         rows, cols = lay.row_indices.long(), lay.col_indices.long()
         mag = _block_norms(values).cpu()
         # drop the k smallest blocks; a stable sort breaks ties towards the lower block index
@@ -388,7 +387,7 @@ class DynamicSparsity:
         values = mod.values
         new_values = permuted(whole.detach())
         state = self.optimizer.state.get(values, {}) if self.optimizer is not None else {}
-        for key, t in list(state.items()):
+        for t in list(state.values()):
             if isinstance(t, torch.Tensor) and t.shape == values.shape:
                 _write_(t, permuted(_gathered(t)))
         if values.grad is not None:

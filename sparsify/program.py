@@ -775,7 +775,7 @@ def _check_block_sparse_calls(gm: fx.GraphModule) -> None:
         bound = dict(zip(names, node.args))
         bound.update(node.kwargs)
 
-        def attr(name: str) -> torch.Tensor:
+        def attr(name: str, bound=bound, node=node) -> torch.Tensor:
             a = bound.get(name)
             if not isinstance(a, fx.Node) or a.op != "get_attr":
                 raise _reject(f"block-sparse call {node.name}: {name} must be a stored tensor")

@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair, _single
 
-from ..runtime import ACTIVATIONS, BlockSparseLayout
-from ..runtime import ops_conv  # noqa: F401  (registers torch.ops.sparsify.bsconv2d*)
+from ..runtime import (
+    ACTIVATIONS,
+    BlockSparseLayout,
+    ops_conv,  # noqa: F401  (registers torch.ops.sparsify.bsconv2d*)
+)
 from ..runtime.executors.cpu_conv import dense_conv_weight
 from .block_sparse import activation_module
 from .sparse_weight import BlockSparseParams, init_block_sparse_

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import BlockSparseLayout
-from ..runtime import ops_lstm  # noqa: F401  (registers torch.ops.sparsify.bslstm_recurrence)
+from ..runtime import (
+    BlockSparseLayout,
+    ops_lstm,  # noqa: F401  (registers torch.ops.sparsify.bslstm_recurrence)
+)
 from ..runtime.ops import META_NAMES
 from .sparse_weight import BlockSparseWeight, init_block_sparse_
 
@@ -266,7 +268,7 @@ class BlockSparseLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"BlockSparseLSTM: expected input_size={self.input_size} features. "
                              f"Got input of shape {tuple(input.shape)}.")
-        t_len, n = x.shape[0], x.shape[1]
+        n = x.shape[1]
         shape = (self.num_layers * dirs, n, self.hidden_size)
         if hx is None:
             h0 = c0 = x.new_zeros(shape)

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import decompose
-from ..runtime.executors.cpu import fsdp2_in_use
 from .. import ranks as rank_sel
+from ..runtime.executors.cpu import fsdp2_in_use
 from .weight_view import LinearLike
 
 __all__ = ["CPLinear", "TuckerLinear", "TTLinear", "Contraction", "ReconstructedWeightCache", "tensorize"]

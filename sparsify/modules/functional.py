@@ -40,12 +40,12 @@ def _rebuild(base: type) -> nn.Module:
     return cls.__new__(cls)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_views(base: type) -> type:
     def __getattr__(self, name):
         table = self.__dict__.get(_TABLE)
         if table is not None and name in table:
-            return getattr(self._modules[table[name]], "weight")
+            return self._modules[table[name]].weight
         return base.__getattr__(self, name)
 
     def __reduce_ex__(self, protocol):

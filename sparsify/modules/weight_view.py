@@ -264,7 +264,8 @@ class LinearLike:
         lin = self._dense_linear()
         if not self.weight_transposed:
             return lin
-        from transformers.pytorch_utils import Conv1D  # only reachable for a model that has Conv1D layers
+        # only reachable for a model that has Conv1D layers
+        from transformers.pytorch_utils import Conv1D
 
         conv = Conv1D(self.out_features, self.in_features).to(device=lin.weight.device, dtype=lin.weight.dtype)
         with torch.no_grad():
