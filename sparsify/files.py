@@ -340,6 +340,14 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def is_regular_file(p: Path) -> bool:
+    """Whether ``p`` is a regular file itself (not a folder, a link, a FIFO or a device)."""
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
 class PendingDir:
     """A folder staged beside ``out``, committed by :func:`commit_all` (or dropped).
 
@@ -420,11 +428,11 @@ class PendingDir:
             aside = self._aside
             if aside.is_dir():
                 for name in self._aside_files:
-                    with contextlib.suppress(FileNotFoundError):
-                        p = aside / name
-                        if p.is_dir() and not p.is_symlink():
-                            shutil.rmtree(p)
-                        else:
+                    p = aside / name
+                    # only files: is_ours lists regular files, so a folder here was put there since;
+                    # it is left behind (and reported), never removed
+                    if is_regular_file(p) or p.is_symlink():
+                        with contextlib.suppress(FileNotFoundError):
                             p.unlink()
                 left = os.listdir(aside)
                 if not left:

@@ -122,8 +122,11 @@ def _pictures_dir_files(d: Path) -> list[str] | None:
     """The pictures of a previous Markdown report in ``d`` (None if it holds anything else)."""
     if d.is_symlink() or not d.is_dir():
         return None
+    from .files import is_regular_file
+
     names = os.listdir(d)
-    return names if all(n.endswith(".png") and n == _safe(n) for n in names) else None
+    # only regular files named as we name pictures: a folder called x.png is the user's, not ours
+    return names if all(n.endswith(".png") and n == _safe(n) and is_regular_file(d / n) for n in names) else None
 
 
 def check_report_path(path: str | os.PathLike, inputs: list, *, force: bool = False) -> Path:

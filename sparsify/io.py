@@ -114,6 +114,8 @@ def artifact_files(path: str | os.PathLike) -> list[str] | None:
         return []
     if any(n not in ARTIFACT_FILES and not SHARD_FILE.fullmatch(n) for n in names) or ARTIFACT_MANIFEST not in names:
         return None
+    if not all(_files.is_regular_file(p / n) for n in names):  # a folder or link under our name is not ours
+        return None
     try:
         m = _files.parse_json(_files.read_regular(p, ARTIFACT_MANIFEST, max_bytes=MAX_MANIFEST_BYTES,
                                                   what="manifest"), f"{p}/{ARTIFACT_MANIFEST}")

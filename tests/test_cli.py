@@ -131,6 +131,18 @@ def test_force_replaces_an_artifact_but_never_other_files(tmp_path, capsys):
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
+def test_force_keeps_a_folder_named_like_a_report_picture(tmp_path, capsys):
+    md = tmp_path / "r.md"
+    assert run(capsys, "convert", f"{ZOO}:mlp", "-o", tmp_path / "a", "--no-export", "--report", md)[0] == 0
+    pics = tmp_path / "r_files"
+    (pics / "holiday.png").mkdir()
+    (pics / "holiday.png" / "photo1.jpg").write_bytes(b"jpeg")
+    rc, _, e = run(capsys, "convert", f"{ZOO}:mlp", "-o", tmp_path / "b", "--no-export", "--report", md, "--force")
+    assert rc == 2 and "did not write" in e
+    assert (pics / "holiday.png" / "photo1.jpg").read_bytes() == b"jpeg"
+    assert not (tmp_path / "b").exists()
+
+
 def test_output_equal_to_an_input_is_refused(tmp_path, capsys):
     src = tmp_path / "m.py"
     src.write_text((ROOT / ZOO).read_text())

@@ -469,6 +469,36 @@ def test_force_never_deletes_a_file_it_did_not_write(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("name", ["program.json", "weights.safetensors"])
+def test_force_never_deletes_a_folder_under_one_of_our_names(tmp_path, name):
+    # A folder named like one of the artifact's files holds the user's work, not ours: --force
+    # must refuse, not remove the folder with everything in it.
+    out, conv, x = _artifact(tmp_path)
+    if not (out / name).exists():
+        pytest.skip(f"this artifact has no {name}")
+    (out / name).unlink()
+    (out / name).mkdir()
+    (out / name / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="not a sparsify artifact"):
+        sparsify.save(conv, out, overwrite=True, example_inputs=(x,))
+    assert (out / name / "thesis.tex").read_text() == "years of work"
+
+
+def test_replacing_an_output_only_ever_unlinks_files(tmp_path):
+    # Even if a folder appears under a listed name between the check and the deletion, it stays.
+    from sparsify import files
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "a").write_text("ours")
+    pending = files.PendingDir(out, force=True, is_ours=lambda p: ["a", "b"])
+    (out / "b").mkdir()
+    (out / "b" / "keep.txt").write_text("mine")
+    pending.commit()
+    left = pending.finish()
+    assert left == ["b"] and (tmp_path / next(n for n in os.listdir(tmp_path) if n != "o") / "b" / "keep.txt").exists()
+
+
 def test_a_full_disk_is_found_before_writing(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
