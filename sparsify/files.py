@@ -191,17 +191,40 @@ def read_regular(folder: str | os.PathLike, name: str, *, max_bytes: int, what: 
             os.close(dfd)
 
 
-def _json_depth(text: str) -> int:
-    import re
+def _json_depth(data: bytes) -> int:
+    r"""The deepest nesting of ``[`` / ``{`` outside strings in the JSON text ``data`` (UTF-8), in linear time
+    and memory (vectorized: a 100 MB safetensors header takes a fraction of a second).
 
+    A quote ends or starts a string unless an odd run of backslashes precedes it; a bracket is structure when
+    an even number of such quotes precedes it.  (Once a string is left open, as in a truncated or hostile
+    file, the count is whatever it is: ``json.loads`` refuses such a text anyway.)
+
+    Example:
+        >>> _json_depth(b'{"a": [1, "]]\\\\", "[\\"[", {"b": []}]}')
+        4
+    """
     import numpy as np
 
-    stripped = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
-    only = re.sub(r"[^\[\]{}]", "", stripped).encode()
-    if not only:
+    a = np.frombuffer(data, dtype=np.uint8)
+    if a.size == 0:
         return 0
-    steps = np.frombuffer(only.translate(bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")), dtype=np.int8)
-    return int(steps.cumsum(dtype=np.int64).max())
+    step = np.zeros(256, dtype=np.int8)
+    step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
+    steps = step[a]
+    brackets = np.flatnonzero(steps)
+    if brackets.size == 0:
+        return 0
+    quotes = np.flatnonzero(a == ord('"'))
+    slashes = np.flatnonzero(a == ord("\\"))
+    if slashes.size and quotes.size:
+        # runs of consecutive backslashes: where each ends and how long it is
+        breaks = np.flatnonzero(np.diff(slashes) != 1)
+        ends = np.append(slashes[breaks], slashes[-1])
+        starts = np.insert(slashes[breaks + 1], 0, slashes[0])
+        odd_ends = ends[(ends - starts + 1) % 2 == 1]
+        quotes = quotes[~np.isin(quotes - 1, odd_ends)]
+    outside = np.searchsorted(quotes, brackets) % 2 == 0
+    return int(max(0, steps[brackets[outside]].cumsum(dtype=np.int64).max(initial=0)))
 
 
 def parse_json(data: bytes | str, where: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -219,7 +242,7 @@ def parse_json(data: bytes | str, where: str, *, max_depth: int = MAX_JSON_DEPTH
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
     except UnicodeDecodeError as exc:
         raise InputError(f"{where}: corrupted, not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    depth = _json_depth(text)
+    depth = _json_depth(bytes(data) if isinstance(data, (bytes, bytearray)) else text.encode("utf-8"))
     if depth > max_depth:
         raise InputError(f"{where}: nested {depth} levels deep, more than the limit of {max_depth}; refusing to "
                          "parse it.")

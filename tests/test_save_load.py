@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsify
 from sparsify.errors import InputError
@@ -369,6 +371,43 @@ def test_deep_nesting_and_huge_manifests_are_refused_before_parsing(tmp_path):
     with pytest.raises(InputError, match="more than the"):
         sparsify.load(out)
     assert time.monotonic() - t0 < 10
+
+
+def test_an_open_string_of_escaped_quotes_is_refused_quickly(tmp_path):
+    # The depth check once stripped strings with a backtracking regex: every quote of an unterminated
+    # string of escaped quotes rescanned the rest, so 400 KB of manifest took over 7 minutes.
+    out, conv, x = _artifact(tmp_path)
+    (out / "manifest.json").write_bytes(b'{"format": "x' + b'\\"' * 200_000)
+    t0 = time.monotonic()
+    with pytest.raises(InputError, match="not valid JSON"):
+        sparsify.load(out)
+    assert time.monotonic() - t0 < 10
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n\u00e9', max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), kids,
+                                                             max_size=4),
+    max_leaves=25)
+
+
+def _depth(v) -> int:
+    if isinstance(v, list):
+        return 1 + max(map(_depth, v), default=0)
+    if isinstance(v, dict):
+        return 1 + max(map(_depth, v.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_JSON, ascii_only=st.booleans(), indent=st.sampled_from([None, 1]))
+def test_the_json_depth_check_counts_only_structure(value, ascii_only, indent):
+    # brackets, quotes and backslashes inside strings (escaped in every way json.dumps writes them)
+    # never count; the check agrees with the nesting json.loads builds
+    from sparsify.files import _json_depth
+
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent)
+    assert _json_depth(text.encode("utf-8")) == _depth(json.loads(text))
 
 
 def test_a_few_megabytes_of_program_load_in_seconds_or_are_refused(tmp_path):
