@@ -597,7 +597,41 @@ def _replay_inputs(manifest: dict[str, Any], where: str) -> tuple | dict | None:
     return values
 
 
-def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> nn.Module:
+def _check_hf_fits(skeleton: nn.Module, manifest: dict[str, Any], where: str) -> None:
+    """Refuse a recorded Hugging Face config that builds another model than the one whose weights are saved
+    (``skeleton``: built from it on the meta device), before any memory is spent on it.
+
+    Every tensor of the dense model that the artifact stores must have the stored shape; the others must
+    be the dense weights of layers the plan converted (or of a BatchNorm folded into one): so a config
+    edited to a larger vocabulary, width or depth is refused here, not after building it."""
+    plan = manifest.get("plan")
+    if not plan:
+        raise InputError(f"{where}: the artifact holds no plan (decisions), so it cannot be rebuilt from its "
+                         "config; it was not saved from a model made by sparsify().")
+    w = manifest["weights"]
+    shapes = {k: tuple(v["shape"]) for k, v in w["tensors"].items()}
+    for alias, src in (w.get("aliases") or {}).items():
+        if src in shapes:
+            shapes[alias] = shapes[src]
+    converted = {d["name"] for d in plan["decisions"] if d["method"] != "dense"}
+    folded = {n for n, m in skeleton.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for name, t in skeleton.state_dict().items():
+        want = shapes.get(name)
+        if want is not None:
+            if tuple(t.shape) != want:
+                raise InputError(f"{where}: the config builds {name} of shape {list(t.shape)}, but the saved "
+                                 f"weights hold it as {list(want)}: the config does not belong to these weights "
+                                 "(the manifest was edited, or the artifact is corrupted).")
+            continue
+        owner = name.rpartition(".")[0]
+        if owner not in converted and owner not in folded:
+            raise InputError(f"{where}: the config builds {name} ({list(t.shape)}), which the saved weights do "
+                             "not hold and no converted layer explains: the config does not belong to these "
+                             "weights (the manifest was edited, or the artifact is corrupted).")
+
+
+def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torch.Tensor], where: str,
+             maker: str = "the factory") -> nn.Module:
     from .api import sparsify
     from .config import Rule, SparsifyConfig
 
@@ -637,8 +671,9 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         diff = next(((a, b) for a, b in zip(old_k, new_k) if a != b), None)
         detail = (f"layer {diff[0][0]!r} was {diff[0][1]} {diff[0][2]}, now {diff[1][0]!r} {diff[1][1]} {diff[1][2]}"
                   if diff else f"{len(old_k)} layers were converted, the factory's model has {len(new_k)}")
-        raise InputError(f"{where}: the factory builds a different model than the one saved ({detail}). "
-                         "Use the factory (and --factory-args) the artifact was made from.")
+        raise InputError(f"{where}: {maker} builds a different model than the one saved ({detail}). "
+                         + ("Use the factory (and --factory-args) the artifact was made from." if maker == "the factory"
+                            else "The artifact was edited or is corrupted."))
     sd_keys = manifest["weights"].get("state_dict_keys")
     have = list(rebuilt.state_dict().keys())
     if sd_keys is not None and set(sd_keys) != set(have):
@@ -720,9 +755,15 @@ def load(
         from .model_spec import build_hf_model
 
         h = manifest["hf"]
-        model = build_hf_model(h["config"], h["class"], f"{path}/{ARTIFACT_MANIFEST}: field hf",
-                               seed=int(spec.get("seed", 0)))
-        return _rebuild(manifest, model, _load_tensors(p, manifest), str(path))
+        where = f"{path}/{ARTIFACT_MANIFEST}: field hf"
+        # The config is read from the file: check on the meta device (no memory) that it builds the model
+        # whose weights the artifact holds, before building it for real.
+        with torch.device("meta"):
+            skeleton = build_hf_model(h["config"], h["class"], where, seed=None)
+        _check_hf_fits(skeleton, manifest, where)
+        del skeleton
+        model = build_hf_model(h["config"], h["class"], where, seed=int(spec.get("seed", 0)))
+        return _rebuild(manifest, model, _load_tensors(p, manifest), str(path), maker="its recorded config")
     if factory is None:
         raise InputError(f"load({str(path)!r}, source='factory') needs factory=: the recorded one is "
                          f"{spec.get('target')!r}; pass it if you trust the artifact.")

@@ -161,6 +161,27 @@ def test_the_class_is_only_found_in_transformers_registry(tmp_path, edit, match)
         sparsify.load(out)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["hf"]["config"].update(vocab_size=8_000_000), "embeddings.word_embeddings.weight of shape"),
+    (lambda m: m["hf"]["config"].update(num_hidden_layers=500), "which the saved weights do not hold"),
+    (lambda m: m.pop("plan"), "holds no plan"),
+])
+def test_a_config_edited_to_build_another_model_is_refused_before_building_it(tmp_path, monkeypatch, edit, match):
+    # The recorded config is read from the file: a larger vocabulary or depth would have made load()
+    # allocate gigabytes before comparing anything.  It is checked on the meta device first.
+    import sparsify.model_spec as ms
+
+    out = _hf_artifact(tmp_path)
+    _edit(out, edit)
+    devices = []
+    real = ms.build_hf_model
+    monkeypatch.setattr(ms, "build_hf_model", lambda *a, **k: devices.append(torch.empty(0).device.type)
+                        or real(*a, **k))
+    with pytest.raises(InputError, match=match):
+        sparsify.load(out)
+    assert set(devices) <= {"meta"}
+
+
 # ---------------------------------------------------------------------- CLI --hf
 def run(capsys, *argv):
     from sparsify.cli import main
