@@ -650,8 +650,10 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         cfg = manifest.get("config") or {}
         fold = cfg.get("fold_batchnorm", any(n.startswith("folded BatchNorm") for n in plan.get("notes", [])))
         fuse = cfg.get("fuse_epilogues", True)
+        # dense_if_larger=False: the saved decisions are final; a layer saved converted above break-even
+        # (the user's dense_if_larger=False) must come back converted, not be re-judged and left dense
         config = SparsifyConfig(rules=rules, min_size=0, fold_batchnorm=fold if isinstance(fold, bool) else True,
-                                fuse_epilogues=fuse if isinstance(fuse, bool) else True)
+                                fuse_epilogues=fuse if isinstance(fuse, bool) else True, dense_if_larger=False)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{where}: the saved plan cannot be replayed: {exc}") from None
     inputs = _replay_inputs(manifest, where)

@@ -500,6 +500,23 @@ def test_the_no_replace_rename_works_without_renameat2(tmp_path, monkeypatch):
     assert (tmp_path / "c").read_text() == "mine"
 
 
+@pytest.mark.parametrize("kw", [dict(method="low_rank", rank=0.75), dict(method="block_sparse", density=1.0)])
+def test_layers_kept_converted_above_break_even_load_converted(tmp_path, kw):
+    # dense_if_larger=False keeps a layer converted though its converted form is larger; the replay on
+    # load must not re-judge it and leave it dense (it refused the artifact as "a different model")
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+
+    x = torch.randn(4, 64)
+    conv = sparsify.sparsify(make(), dense_if_larger=False, min_size=0, example_inputs=(x,), **kw)
+    assert [d.method for d in conv._sparsify_plan.decisions] == [kw["method"]] * 2
+    out = sparsify.save(conv, tmp_path / "m", example_inputs=(x,), export=False)
+    back = sparsify.load(out, factory=make)
+    assert [d.method for d in back._sparsify_plan.decisions] == [kw["method"]] * 2
+    assert torch.equal(back(x), conv(x))
+
+
 def test_force_never_deletes_a_file_it_did_not_write(tmp_path):
     out, conv, x = _artifact(tmp_path)
     (out / "notes.txt").write_text("mine")
