@@ -630,6 +630,23 @@ def _check_hf_fits(skeleton: nn.Module, manifest: dict[str, Any], where: str) ->
                              "weights (the manifest was edited, or the artifact is corrupted).")
 
 
+_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _to_saved_dtype(model: nn.Module, manifest: dict[str, Any]) -> nn.Module:
+    """The model in the floating dtype its saved weights have, when they all have one and the model (built
+    from a config or factory, float32 by default) has another: a bfloat16 or float64 model comes back in
+    its own dtype, not silently cast to float32 by ``load_state_dict``."""
+    saved = {v["dtype"] for v in manifest["weights"]["tensors"].values() if v["dtype"] in _FLOAT_DTYPES}
+    have = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    if len(saved) == 1 and len(have) == 1:
+        want = _FLOAT_DTYPES[saved.pop()]
+        if have.pop() != want:
+            return model.to(want)
+    return model
+
+
 def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torch.Tensor], where: str,
              maker: str = "the factory") -> nn.Module:
     from .api import sparsify
@@ -657,6 +674,7 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
     except (ValueError, TypeError) as exc:
         raise InputError(f"{where}: the saved plan cannot be replayed: {exc}") from None
     inputs = _replay_inputs(manifest, where)
+    model = _to_saved_dtype(model, manifest)
     model.train(bool(manifest.get("training", False)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the capture warning was shown when the model was converted

@@ -182,6 +182,19 @@ def test_a_config_edited_to_build_another_model_is_refused_before_building_it(tm
     assert set(devices) <= {"meta"}
 
 
+@pytest.mark.parametrize("dtype, kw", [(torch.bfloat16, dict(density=0.5, block_size=16)),
+                                       (torch.float64, dict(method="low_rank", rank=8))])
+def test_a_model_comes_back_in_its_own_dtype(tmp_path, dtype, kw):
+    # rebuilt from its config the model is float32; load_state_dict would cast the saved weights into it
+    torch.manual_seed(0)
+    model, x = _model("llama")
+    conv = sparsify.sparsify(model.to(dtype).eval(), min_size=0, example_inputs=x, **kw)
+    back = sparsify.load(sparsify.save(conv, tmp_path / "m", example_inputs=x, export=False))
+    assert {p.dtype for p in back.parameters()} == {dtype}
+    with torch.no_grad():
+        _assert_equal_outputs(back(*x), conv(*x))
+
+
 # ---------------------------------------------------------------------- CLI --hf
 def run(capsys, *argv):
     from sparsify.cli import main
