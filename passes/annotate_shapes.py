@@ -77,13 +77,14 @@ def _hooks(module: nn.Module, ctx: PassContext, sites) -> list:
         handles.append(m.register_forward_pre_hook(count))
         if name in wanted:
             def hook(mod, args, out, name=name):
-                if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                if (args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor)
+                        and not args[0].is_nested and not out.is_nested):  # a nested tensor has no one shape
                     ctx.shapes.setdefault(name, (tuple(args[0].shape), tuple(out.shape)))
             handles.append(m.register_forward_hook(hook))
         if name in mhas:
             def mha_hook(mod, args, kwargs, out, name=name, projs=mhas[name]):
                 qkv = list(args[:3]) + [kwargs.get(k) for k in ("query", "key", "value")][len(args[:3]):]
-                if len(qkv) < 3 or not all(isinstance(t, torch.Tensor) for t in qkv):
+                if len(qkv) < 3 or not all(isinstance(t, torch.Tensor) and not t.is_nested for t in qkv):
                     return
                 e = mod.embed_dim
                 for s in projs:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .check import check_converted
+from .check import check_converted, standard_attention
 from .config import SparsifyConfig
 from .decision import Decision, Plan
 from .passes import PIPELINE, PassContext, capture, run_passes
@@ -100,22 +100,23 @@ def sparsify(
     if graph and kwargs:
         raise ValueError("sparsify(graph=True): the fx graph takes positional inputs; give example_inputs "
                          "as a tuple, not a dict.")
-    work = model if inplace else copy.deepcopy(model)
-    cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
-    ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
-                      capture_note=cap.note, planner=plan_model, progress=progress, capture=cap,
-                      calibration=calib)
-    out = run_passes(cap.module, ctx, PIPELINE)
-    setattr(out, PLAN_ATTR, ctx.plan)
-    _reflatten_rnns(out)
-    _gpu_speed_note(next((p.device for p in out.parameters()), None), ctx.plan)
-    if check if check is not None else (args is not None or bool(kwargs)):
-        if args is None and not kwargs:
-            raise ValueError("sparsify(check=True): checking the converted model needs example_inputs=.")
-        check_converted(out, args or (), kwargs or {})
-    if calib is not None:
-        _measure(None if inplace else model, out, ctx.plan, calib, cfg)
-    return out
+    with standard_attention():  # the original and the converted model run the same arithmetic
+        work = model if inplace else copy.deepcopy(model)
+        cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
+        ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
+                          capture_note=cap.note, planner=plan_model, progress=progress, capture=cap,
+                          calibration=calib)
+        out = run_passes(cap.module, ctx, PIPELINE)
+        setattr(out, PLAN_ATTR, ctx.plan)
+        _reflatten_rnns(out)
+        _gpu_speed_note(next((p.device for p in out.parameters()), None), ctx.plan)
+        if check if check is not None else (args is not None or bool(kwargs)):
+            if args is None and not kwargs:
+                raise ValueError("sparsify(check=True): checking the converted model needs example_inputs=.")
+            check_converted(out, args or (), kwargs or {})
+        if calib is not None:
+            _measure(None if inplace else model, out, ctx.plan, calib, cfg)
+        return out
 
 
 #: Layer types whose block-sparse CUDA kernels were measured slower than cuDNN's dense ones.

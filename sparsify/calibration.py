@@ -1088,7 +1088,9 @@ def model_error(reference: nn.Module, converted: nn.Module, data: CalibrationDat
     den: dict[str, float] = {}
     batches = 0
     device = model_device(converted)
-    with torch.no_grad(), _eval_no_grad(reference), _eval_no_grad(converted):
+    from .check import standard_attention
+
+    with torch.no_grad(), _eval_no_grad(reference), _eval_no_grad(converted), standard_attention():
         for args, kwargs in data.batches(device):
             got = _leaves(converted(*args, **kwargs))
             want = _leaves(reference(*args, **kwargs))

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import ConversionCheckError
 
-__all__ = ["check_converted", "TOLERANCE", "relative_error"]
+__all__ = ["check_converted", "TOLERANCE", "relative_error", "standard_attention"]
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
@@ -47,6 +47,35 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     scale = b64[fb].abs().max().clamp_min(1e-30) if fb.any() else torch.tensor(1.0, dtype=torch.float64)
     return float((a64[fa] - b64[fb]).abs().max() / scale) if fa.any() else 0.0
+
+
+@contextlib.contextmanager
+def standard_attention():
+    """PyTorch's attention fast path off (``torch.backends.mha.set_fastpath_enabled(False)``), restored after.
+
+    In eval mode without gradients, ``nn.MultiheadAttention`` and ``nn.TransformerEncoder(Layer)`` may take a
+    fused path that reads the dense weights directly and, given a padding mask, packs the batch as a nested
+    tensor and returns zeros at the padded positions, where the standard path (the one training runs)
+    returns values.  A converted model always takes the standard path (its rewritten layers are not plain
+    weights), so wherever sparsify runs a model to compare it with its converted form, or to collect what
+    the conversion fits (shapes, calibration statistics, distillation targets), both run the standard path:
+    the same arithmetic on every position, padded ones included.
+
+    Example:
+        >>> with standard_attention():
+        ...     torch.backends.mha.get_fastpath_enabled()
+        False
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager
@@ -112,7 +141,7 @@ def check_converted(model: nn.Module, args: tuple, kwargs: dict) -> None:
         seen.setdefault(n, (a, o))
 
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: grab(mod, a, o, n)) for n, m in layers.items()]
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), _eval(model), standard_attention():
         try:
             out = _run_naming_the_module(model, args, kwargs, "converted")
         finally:

@@ -552,7 +552,9 @@ def cmd_verify(args) -> int:
     converted = load(args.artifact, factory=original)
     converted.eval()
     reference = densify(converted).eval()
-    with torch.no_grad():
+    from .check import standard_attention
+
+    with torch.no_grad(), standard_attention():  # the same arithmetic in all three (sparsify.check)
         outs = {"original": _flatten(_call(original, inputs)), "converted": _flatten(_call(converted, inputs)),
                 "reference": _flatten(_call(reference, inputs))}
         exported_outs = None

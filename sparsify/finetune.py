@@ -218,7 +218,7 @@ def finetune(
     flags = {id(p): p.requires_grad for p in student.parameters()}
     device = model_device(student)
     before = model_error(teacher, student, held) if held is not None else None
-    from .check import _eval
+    from .check import _eval, standard_attention
 
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     losses: list[float] = []
@@ -235,7 +235,7 @@ def finetune(
         warm = max(1, steps // 20)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm))))
-        with _eval(student), _eval(teacher):
+        with _eval(student), _eval(teacher), standard_attention():  # targets from the path the student runs
             it = iter(batches.batches(device))
             for step in range(steps):
                 try:

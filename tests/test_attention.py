@@ -122,6 +122,45 @@ def test_encoder_layer_fast_path_is_not_taken_around_rewritten_projections():
         assert rel(y, sparsify.densify(sparse)(x)) < 1e-5
 
 
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # enable_nested_tensor=True (torch's default): in eval mode without gradients torch packs the padded
+        # batch as a nested tensor and returns zeros at the padded positions
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, HEADS, 64, dropout=0.0, batch_first=True), 2)
+
+    def forward(self, x, pad):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("method, kw", [("block_sparse", dict(density=1.0, block_size=8)), ("low_rank", dict(rank=E))])
+def test_a_padded_encoder_on_torch_fast_path_converts_with_example_inputs(method, kw):
+    # It once failed in annotate_shapes (a nested tensor has no shape), then in the check, which compared
+    # the converted model (standard path) with its dense reference (fast path: zeros where padded).
+    from sparsify.calibration import as_batches, model_error
+
+    torch.manual_seed(0)
+    model = _PaddedEncoder().eval()
+    x = torch.randn(2, 6, E)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    sparse = sparsify.sparsify(model, method=method, min_size=0, dense_if_larger=False, example_inputs=(x, pad),
+                               **kw)
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off only while sparsify ran
+    assert sum(d.rewrites for d in sparse._sparsify_plan.decisions) == 2 * 6
+    with torch.no_grad():
+        want = model(x, pad)
+        got = sparse(x, pad)
+    assert rel(got[~pad], want[~pad]) < 1e-5  # the real positions: what the original computes
+    # measured against the original on the same (standard) path, padded positions included
+    assert model_error(model, sparse, as_batches([(x, pad)]))["error"] < 1e-5
+    # calibration statistics and the fit come from that path too
+    calibrated = sparsify.sparsify(model, method=method, min_size=0, calibration_data=[(x, pad)],
+                                   example_inputs=(x, pad), **(dict(density=0.5, block_size=8)
+                                                               if method == "block_sparse" else dict(rank=8)))
+    assert calibrated._sparsify_plan.calibration["error"] < 1
+
+
 class _Stack(nn.Module):
     def __init__(self, layer: nn.Module, decoder: bool):
         super().__init__()
