@@ -76,6 +76,7 @@ from ..calibration import (
     site_watch,
     weight_groups,
 )
+from ..errors import InputError
 from ..modules.factorized_conv import tt_conv_weight
 from ..modules.low_rank import svd_rank
 from ..patterns import block_norms, magnitude_layout
@@ -366,6 +367,8 @@ def _dense_stats(module: nn.Module, ctx: PassContext, items: list, visit) -> Non
         watches = [site_watch(site) for _, site in part]
         try:
             stats = collect_stats(module, watches, data)
+        except InputError:
+            raise  # the data itself (non-finite inputs), said as such
         except Exception as exc:
             raise ValueError(f"sparsify(calibration_data=...): the model did not run on it "
                              f"({type(exc).__name__}: {exc}); pass inputs its forward accepts.") from exc

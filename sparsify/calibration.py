@@ -52,6 +52,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .errors import InputError
+
 __all__ = [
     "CalibrationData",
     "CalibrationWarning",
@@ -89,18 +91,25 @@ class CalibrationWarning(UserWarning):
 # ------------------------------------------------------------------------------ batches
 def _batch(item: Any, i: int, where: str) -> tuple[tuple, dict]:
     if isinstance(item, torch.Tensor):
-        return (item,), {}
-    if isinstance(item, Mapping):
+        out: tuple[tuple, dict] = (item,), {}
+    elif isinstance(item, Mapping):
         if not all(isinstance(k, str) for k in item):
             raise ValueError(f"{where}: batch {i} is a dict whose keys are not all strings; a dict batch holds "
                              "the model's keyword inputs by name.")
-        return (), dict(item)
-    if isinstance(item, (tuple, list)):
+        out = (), dict(item)
+    elif isinstance(item, (tuple, list)):
         if not item:
             raise ValueError(f"{where}: batch {i} is empty; a batch is a tuple of the model's positional inputs.")
-        return tuple(item), {}
-    raise ValueError(f"{where}: batch {i} is a {type(item).__name__}; expected a tensor, a tuple of the "
-                     "model's positional inputs, or a dict of its keyword inputs.")
+        out = tuple(item), {}
+    else:
+        raise ValueError(f"{where}: batch {i} is a {type(item).__name__}; expected a tensor, a tuple of the "
+                         "model's positional inputs, or a dict of its keyword inputs.")
+    # NaN is never an input (an additive mask may hold -inf, so infinities are left to the statistics' check)
+    for name, t in [(str(k), v) for k, v in enumerate(out[0])] + list(out[1].items()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise ValueError(f"{where}: batch {i}, input {name!r} holds NaN; calibration data must be numbers. "
+                             "Fix or drop that batch.")
+    return out
 
 
 def _to(obj: Any, device: torch.device | None) -> Any:
@@ -223,7 +232,6 @@ def read_batches(path: str | os.PathLike) -> CalibrationData:
     from safetensors.torch import load as st_load
 
     from . import files
-    from .errors import InputError
 
     where = os.fspath(path)
     if not os.path.lexists(where):
@@ -838,6 +846,12 @@ def collect_stats(model: nn.Module, watches: Sequence[Watch], data: CalibrationD
                 w.batch_calls = 0
             with mode:
                 _run(model, args, kwargs)
+    for w in watches:
+        if w.stats is not None and not bool(torch.isfinite(w.stats.h).all()):
+            name = w.key[0] if isinstance(w.key, tuple) else str(w.key).split("@")[0]
+            raise InputError(f"calibration_data: the inputs of layer {name!r} hold inf or NaN on the "
+                             "calibration data (or overflow float64 when multiplied), so its output error cannot be "
+                             "fitted. Check the data and the layers before it (an inf input, or an overflow).")
     return {w.key: w.stats for w in watches if w.stats is not None}
 
 

@@ -273,7 +273,7 @@ def cmd_inspect(args) -> int:
         if m.get("hf"):
             print(f"Hugging Face class: {m['hf']['class']} (load() rebuilds it from the recorded config)")
         ins = m.get("inputs") or []
-        print(f"inputs: {', '.join('None' if i is None else str(i['shape']) + ':' + i['dtype'] for i in ins) or 'none recorded'}")
+        print(f"inputs: {', '.join('None' if i is None else str(i['shape']) + ':' + str(i.get('dtype', 'float32')) for i in ins) or 'none recorded'}")
         if m.get("program"):
             print("stored program: yes (loads without the source)")
         elif m["format_version"] < 2 and m.get("exported"):
@@ -375,6 +375,9 @@ def cmd_convert(args) -> int:
             raise InputError("--calibration runs the whole model on the batches; it does not combine with --stream / "
                              "--distributed / a sharded --weights index (convert without them).")
         return _convert_streaming(args, spec, config)
+    if args.max_shard_size is not None:
+        raise InputError(f"--max-shard-size {args.max_shard_size}: shards are written by streaming conversion only; "
+                         "add --stream (with --weights), or drop the option (OUT is then one weights file).")
     calib = None
     if args.calibration:  # read and checked before any work (sparsify.calibration.read_batches)
         from .calibration import read_batches
@@ -451,7 +454,7 @@ def _convert_streaming(args, spec, config) -> int:
         raise InputError("--stream / --distributed convert a checkpoint one layer at a time: give it with --weights "
                          "(a .safetensors file or a sharded model.safetensors.index.json).")
     try:
-        max_shard = parse_size(args.max_shard_size)
+        max_shard = parse_size(args.max_shard_size if args.max_shard_size is not None else "128MB")
     except ValueError as exc:
         raise InputError(f"--max-shard-size {args.max_shard_size}: {exc}") from None
     distributed = args.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -789,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every layer is fitted to its outputs on them, and the report gives the output errors")
     p.add_argument("--stream", action="store_true",
                    help="convert one layer at a time from --weights (implied by a sharded *.index.json)")
-    p.add_argument("--max-shard-size", default="128MB", metavar="SIZE",
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="streaming: largest weights shard of OUT, e.g. 128MB or 2GiB (128MB: the writer holds one)")
     p.add_argument("--distributed", action="store_true",
                    help="under torchrun: each process converts a share of the layers, rank 0 writes OUT")

@@ -68,8 +68,16 @@ class InputSpec:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
-    def with_batch(self, batch: int) -> InputSpec:
-        return InputSpec((batch, *self.shape[1:]), self.dtype) if self.shape else self
+    def with_batch(self, batch: int, where: str = "--batch") -> InputSpec:
+        """The same input with ``batch`` rows, held to the same limits as ``--input-shape``."""
+        if not self.shape:
+            return self
+        shape = (batch, *self.shape[1:])
+        if batch > MAX_INPUT_ELEMENTS or math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise InputError(f"{where} {batch}: the input would be {','.join(map(str, shape))}, more than "
+                             f"{MAX_INPUT_ELEMENTS} elements, too large for a random test input; give a smaller "
+                             f"{where}.")
+        return InputSpec(shape, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype}

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
 
+import sparsify
 from sparsify import calibration as cal
 from sparsify.cli import main
 from sparsify.errors import InputError
+from tests.models.zoo import mlp
 
 ZOO = "tests/models/zoo.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +85,24 @@ def test_calibration_file_the_model_cannot_run(tmp_path, capsys):
     rc, o, e = run(capsys, "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--calibration", path)
     assert rc == 2 and "calibration_data" in e
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value, match", [(float("nan"), "batch 1, input '0' holds NaN"),
+                                          (float("inf"), "the inputs of layer '0' hold inf or NaN")])
+def test_non_finite_calibration_data_is_named(tmp_path, capsys, value, match):
+    # NaN is refused when the file is read; an infinity (an additive mask may hold -inf) when a layer's
+    # statistics hold it: both said as such, not as a failed Cholesky factorization
+    batches = [torch.randn(8, 128) for _ in range(2)]
+    batches[1][3, 5] = value
+    path = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.0": b for i, b in enumerate(batches)}, str(path))  # (save_batches refuses NaN too)
+    rc, o, e = run(capsys, "convert", f"{ZOO}:mlp", "-o", tmp_path / "o", "--density", "0.5", "--calibration", path)
+    assert rc == 2 and match in e and "Traceback" not in e, e
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match=re.escape(match)):
+        sparsify.sparsify(mlp(), density=0.5, calibration_data=batches)
 
 
 def _raw_safetensors(path: Path, header: dict, body: bytes = b"") -> Path:

@@ -200,6 +200,26 @@ def test_verify_does_not_trust_the_manifests_input_shape(tmp_path, capsys, artif
     expect_bad(capsys, None, "bench", art, "--repeat", "1", match="too large")
 
 
+def test_batch_is_held_to_the_input_size_limit(capsys, artifact):
+    expect_bad(capsys, None, "bench", artifact, "--input-shape", "2,128", "--batch", str(2**30), "--repeat", "1",
+               match="--batch 1073741824: the input would be 1073741824,128")
+
+
+def test_max_shard_size_without_streaming_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, "--max-shard-size", "-5",
+               match="--max-shard-size -5: shards are written by streaming conversion only")
+
+
+def test_inspect_shows_a_recorded_input_without_its_dtype(tmp_path, capsys, artifact):
+    art = _copy(artifact, tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    m["inputs"] = [{"shape": [2, 128]}]  # the schema's dtype is optional (float32)
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(art)]) == 0
+    assert "[2, 128]:float32" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda m: m["weights"].update(file=5), "field weights.file"),
     (lambda m: m.pop("weights"), "field weights: missing"),
