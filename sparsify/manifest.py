@@ -175,6 +175,35 @@ class Obj(Spec):
         return v
 
 
+class All(Spec):
+    """Every one of ``specs`` holds (a size-bounded map whose known keys are typed)."""
+
+    def __init__(self, *specs: Spec) -> None:
+        self.specs = specs
+        self.desc = specs[0].desc
+
+    def check(self, v, path, where):
+        for s in self.specs:
+            s.check(v, path, where)
+        return v
+
+
+class AnyOf(Spec):
+    """One of ``specs`` holds."""
+
+    def __init__(self, *specs: Spec) -> None:
+        self.specs = specs
+        self.desc = " or ".join(s.desc for s in specs)
+
+    def check(self, v, path, where):
+        for s in self.specs:
+            try:
+                return s.check(v, path, where)
+            except InputError:
+                continue
+        raise self.fail(v, path, where)
+
+
 _HEX64 = Str(64, r"[0-9a-f]{64}")
 _DIM = Int(0, 2**31 - 1)
 _SHAPE = List(_DIM, 64)
@@ -183,11 +212,16 @@ _DTYPE = Enum("float32", "float64", "float16", "bfloat16", "int8", "int16", "int
               "complex64", "complex128")
 _INPUT = Opt(Obj({"shape": List(Int(1, 2**31 - 1), 16), "dtype": Str(32)}, ("shape",), closed=True))
 
+#: A decision's params / result: any JSON, with the numbers the report formats typed as numbers.
+#: (A non-finite measure is saved as the string "inf" or "nan": JSON has no such numbers.)
+_MEASURE = Opt(AnyOf(Number(), Enum("inf", "-inf", "nan")))
+_SETTINGS = All(Map(Json(), 256, 64), Obj({k: _MEASURE for k in ("density", "relative_error", "output_error")}))
+
 DECISION = Obj({
     "name": _NAME, "layer_type": Str(256), "weight_shape": _SHAPE, "method": Str(64, r"[A-Za-z0-9_]+"),
-    "params": Map(Json(), 256, 64), "reason": Str(4096), "rule": Opt(Str(4096)), "node": Opt(Str(1024)),
+    "params": _SETTINGS, "reason": Str(4096), "rule": Opt(Str(4096)), "node": Opt(Str(1024)),
     "input_shape": Opt(_SHAPE), "params_before": Int(), "params_after": Opt(Int()), "flops_before": Opt(Int()),
-    "flops_after": Opt(Int()), "bytes_before": Int(), "bytes_after": Opt(Int()), "result": Map(Json(), 256, 64),
+    "flops_after": Opt(Int()), "bytes_before": Int(), "bytes_after": Opt(Int()), "result": _SETTINGS,
 }, ("name", "layer_type", "weight_shape", "method", "params", "reason", "params_before", "params_after",
     "flops_before", "flops_after"))
 

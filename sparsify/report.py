@@ -18,25 +18,32 @@ def _fmt_count(n: int | None) -> str:
     return str(n)
 
 
+def _g(v: Any, spec: str) -> str:
+    """A number formatted, anything else (a missing value) as ``?``."""
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):  # how a saved artifact holds a non-finite measure
+        return v
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
+
+
 def _setting(d: dict) -> str:
     res, params = d.get("result") or {}, d.get("params") or {}
     if d["method"] == "block_sparse":
         dens = res.get("density", params.get("density"))
-        s = f"density={dens:.3g} b={res.get('block_size', params.get('block_size'))}"
+        s = f"density={_g(dens, '.3g')} b={res.get('block_size', params.get('block_size'))}"
         lay = res.get("layout", params.get("layout", "magnitude"))
         return s if lay == "magnitude" else f"{s} {lay}" + (" fresh" if res.get("init", params.get("init")) == "fresh" else "")
     if "rank" in res:
         r = res["rank"]
         s = f"rank={r}" if not isinstance(r, (list, tuple)) else f"ranks={tuple(r)}"
         if "relative_error" in res:
-            s += f" err={res['relative_error']:.2g}"
+            s += f" err={_g(res['relative_error'], '.2g')}"
         return s
     return ""
 
 
 def _fmt_err(r: dict) -> str:
     e = (r.get("result") or {}).get("output_error")
-    return "-" if e is None else f"{e:.3g}"
+    return "-" if e is None else _g(e, ".3g")
 
 
 @dataclass

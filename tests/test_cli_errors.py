@@ -225,6 +225,10 @@ def test_inspect_shows_a_recorded_input_without_its_dtype(tmp_path, capsys, arti
     (lambda m: m.pop("weights"), "field weights: missing"),
     (lambda m: m.update(plan=[1]), "field plan"),
     (lambda m: m["plan"]["decisions"][0].pop("params_before"), "params_before: missing"),
+    # what the report formats as numbers (it crashed with "Unknown format code 'g' for object of type 'str'")
+    (lambda m: m["plan"]["decisions"][0]["result"].update(density="abc"), "result.density: expected a finite number"),
+    (lambda m: m["plan"]["decisions"][0]["params"].update(density=[1, 2]), "params.density: expected a finite number"),
+    (lambda m: m["plan"]["decisions"][0]["result"].update(output_error={}), "result.output_error: expected"),
 ])
 def test_bad_manifests_are_one_line_for_every_command(tmp_path, capsys, artifact, edit, match):
     art = _copy(artifact, tmp_path / "a")
@@ -233,6 +237,19 @@ def test_bad_manifests_are_one_line_for_every_command(tmp_path, capsys, artifact
     (art / "manifest.json").write_text(json.dumps(m))
     for argv in (["inspect", art], ["verify", art, "--against", f"{ZOO}:mlp"], ["bench", art, "--repeat", "1"]):
         expect_bad(capsys, None, *argv, match=match)
+
+
+def test_a_non_finite_measure_saved_as_a_string_still_loads_and_shows(tmp_path, capsys, artifact):
+    # JSON has no inf: sparsify saves one as "inf" (a layer whose output is all zero on the data)
+    art = _copy(artifact, tmp_path / "a")
+    m = json.loads((art / "manifest.json").read_text())
+    m["plan"]["decisions"][0]["result"]["output_error"] = "inf"
+    m["plan"]["decisions"][0]["result"]["density"] = None  # as an empty result reads: shown as '?'
+    (art / "manifest.json").write_text(json.dumps(m))
+    assert main(["inspect", str(art)]) == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if ln.startswith(m["plan"]["decisions"][0]["name"] + " "))
+    assert "density=? " in row and "inf" in row.split()
 
 
 def test_bench_json_never_clobbers_an_input_or_a_users_file(tmp_path, capsys, artifact):
