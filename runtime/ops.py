@@ -153,6 +153,12 @@ def eager_inference(x: Tensor) -> bool:
 @bsmm.register_fake
 def _(x, values, row_offsets, col_indices, row_indices, t_row_offsets, t_col_indices, t_block_ids,
       bias, residual, out_features, in_features, activation, out_dtype=None, static_weight=False):
+    # the same checks as a real call, so tracing (and a loaded program's check on its declared inputs)
+    # refuses what running would refuse
+    if isinstance(x.shape[-1], int):
+        _check_inputs("bsmm", x, values, in_features, "x")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsify.bsmm: unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
     return x.new_empty(*x.shape[:-1], out_features, dtype=out_dtype or x.dtype)
 
 

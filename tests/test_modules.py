@@ -162,3 +162,25 @@ def test_eager_fast_path_equals_the_op(path, case, b, density, activation, with_
         torch.testing.assert_close(fast, op, rtol=1e-6, atol=1e-6)
     finally:
         del os.environ["SPARSIFY_CPU_PATH"]
+
+
+def test_the_ops_fake_refuses_what_the_op_refuses():
+    # Tracing and a loaded program's check on its declared inputs run the fake: an input whose width is
+    # not in_features (a tampered program) must fail there, not on the first real call.
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(64, 32), density=0.5, block_size=16).eval()
+    meta = [getattr(layer, n).to("meta") for n in ("row_offsets", "col_indices", "row_indices", "t_row_offsets",
+                                                  "t_col_indices", "t_block_ids")]
+    values = layer.values.detach().to("meta")
+
+    def call(x, in_features=64, activation="none"):
+        return torch.ops.sparsify.bsmm(x, values, *meta, None, None, 32, in_features, activation, None, False)
+
+    assert call(torch.empty(3, 5, 64, device="meta")).shape == (3, 5, 32)
+    with pytest.raises(ValueError, match="expected x with last dimension 64"):
+        call(torch.empty(3, 48, device="meta"))
+    with pytest.raises(ValueError, match="expected x with last dimension 96"):
+        call(torch.empty(3, 64, device="meta"), in_features=96)
+    with pytest.raises(TypeError, match="dtype"):
+        call(torch.empty(3, 64, device="meta", dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown activation"):
+        call(torch.empty(3, 64, device="meta"), activation="exp")
