@@ -76,6 +76,14 @@ MAX_NUMEL = 2**31
 CHECK_SECONDS = 60.0
 
 _IDENT = re.compile(r"[A-Za-z0-9_]{0,64}\Z")
+#: An einsum equation (``"ae,e->ae"``): the one string argument that is not an identifier, and only
+#: as the first argument of ``aten.einsum`` (the factorized layers' contractions); torch parses it.
+_EQUATION = re.compile(r"[A-Za-z.,]{1,128}(?:->[A-Za-z.]{0,64})?\Z")
+_EINSUM = "aten.einsum.default"
+
+
+def _equation(name: str, k: int, v: Any) -> bool:
+    return name == _EINSUM and k == 0 and isinstance(v, str) and bool(_EQUATION.match(v))
 _SYMBOL = re.compile(r"s(0|[1-9][0-9]?)\Z")
 _DEVICE = re.compile(r"(cpu|cuda|mps)(:[0-9]{1,2})?\Z")
 
@@ -403,7 +411,8 @@ def _encode(ep: Any, example_inputs: tuple, kwargs: dict[str, Any], keyword_inpu
             raise Unsupported(f"the exported graph calls {node.target}, which is not in sparsify's table of "
                               "allowed ops (sparsify/program.py)")
         refs[node] = {"node": len(nodes)}
-        nodes.append({"target": name, "args": [_enc(a, refs) for a in node.args],
+        nodes.append({"target": name, "args": [a if _equation(name, k, a) else _enc(a, refs)
+                                               for k, a in enumerate(node.args)],
                       "kwargs": {k: _enc(v, refs) for k, v in node.kwargs.items()}})
     flat_out = list(output_node.args[0]) if output_node is not None else []
     tree = _enc_tree(ep.call_spec.out_spec, iter(flat_out), refs)
@@ -707,7 +716,7 @@ def build_program(doc: Any, tensors: list[torch.Tensor]) -> LoadedProgram:
         args_doc = _list(nd["args"], f"{where}.args", MAX_ARGS)
         if not isinstance(nd["kwargs"], dict) or len(nd["kwargs"]) + len(args_doc) > MAX_ARGS:
             raise _reject(f"{where}.kwargs: expected an object, at most {MAX_ARGS} arguments in all")
-        args = [dec.value(a, f"{where}.args[{k}]") for k, a in enumerate(args_doc)]
+        args = [a if _equation(name, k, a) else dec.value(a, f"{where}.args[{k}]") for k, a in enumerate(args_doc)]
         kwargs = {}
         for k, v in nd["kwargs"].items():
             if not _IDENT.match(k):

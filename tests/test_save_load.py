@@ -517,6 +517,42 @@ def test_layers_kept_converted_above_break_even_load_converted(tmp_path, kw):
     assert torch.equal(back(x), conv(x))
 
 
+@pytest.mark.parametrize("method", ["cp", "tucker", "tt"])
+def test_factorized_models_store_a_program_with_their_einsum_equations(tmp_path, method):
+    # einsum's equation is the one string argument that is not an identifier: allowed there alone, in
+    # einsum's grammar; torch parses it, and a meta run at the declared shapes checks it on load
+    import shutil
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    conv = sparsify.sparsify(model, method=method, rank=0.25, min_size=0, example_inputs=(x,))
+    out = sparsify.save(conv, tmp_path / "m", example_inputs=(x,))
+    doc = json.loads((out / "program.json").read_text())
+    eqs = [n["args"][0] for n in doc["nodes"] if n["target"] == "aten.einsum.default"]
+    assert eqs and all(isinstance(e, str) and "->" in e for e in eqs)
+    with torch.no_grad():
+        torch.testing.assert_close(sparsify.load(out, source="program")(x), conv(x), rtol=1e-5, atol=1e-6)
+
+    def edited(name, fn):
+        art = Path(shutil.copytree(out, tmp_path / name))
+        _edit_program(art, fn)
+        return art
+
+    def einsum_eq(eq):
+        return lambda d: next(n for n in d["nodes"] if n["target"] == "aten.einsum.default")["args"].__setitem__(0, eq)
+
+    with pytest.raises(InputError, match="not a short identifier"):
+        sparsify.load(edited("code", einsum_eq("__import__('os')")), source="program")
+    with pytest.raises(InputError, match="fails on the declared input shapes"):
+        sparsify.load(edited("wrong", einsum_eq("abc,def->ghi")), source="program")
+    # the equation's grammar is einsum's alone: the same string as another op's argument is refused
+    other = edited("other", lambda d: next(n for n in d["nodes"] if n["target"] != "aten.einsum.default"
+                                           and n["args"])["args"].append(eqs[0]))
+    with pytest.raises(InputError, match="not a short identifier"):
+        sparsify.load(other, source="program")
+
+
 def test_force_never_deletes_a_file_it_did_not_write(tmp_path):
     out, conv, x = _artifact(tmp_path)
     (out / "notes.txt").write_text("mine")
