@@ -419,6 +419,20 @@ def _load_weights(model: nn.Module, path: str, what: str) -> None:
             sd = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise InputError(f"--weights {path}: not a readable safetensors file ({_first_line(exc)}).") from None
+    bad = next((k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise InputError(f"--weights {path}: tensor {bad!r} holds NaN or inf values; a converted model would "
+                         "compute garbage from them. Check the checkpoint (was training diverging?).")
+    tied: dict[int, list[str]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        tied.setdefault(id(t), []).append(n)
+    for names in tied.values():
+        given = [n for n in names if n in sd]
+        for n in given[1:]:
+            if sd[n].shape == sd[given[0]].shape and not torch.equal(sd[n], sd[given[0]]):
+                raise InputError(f"--weights {path}: {given[0]!r} and {n!r} are one tied tensor in {what}, but "
+                                 "the checkpoint holds different values for them. Keep one of them (or make "
+                                 "them equal).")
     try:
         result = model.load_state_dict(sd, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -350,6 +350,9 @@ def read_tensor(reader: CheckpointReader, name: str, like: torch.Tensor, where: 
         raise InputError(f"--weights {reader.path} does not fit {where}: {name!r} has shape "
                          f"{list(reader.shape(name))}, the model expects {list(like.shape)}.")
     t = reader.get(name)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"--weights {reader.path}: tensor {name!r} holds NaN or inf values; a converted model "
+                         "would compute garbage from them. Check the checkpoint (was training diverging?).")
     return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
@@ -537,6 +540,13 @@ def check_checkpoint(sp: StreamPlan, reader: CheckpointReader, where: str) -> in
             if tuple(reader.shape(n)) != tuple(state[first].shape):
                 raise InputError(f"--weights {reader.path} does not fit {where}: {n!r} has shape "
                                  f"{list(reader.shape(n))}, the model expects {list(state[first].shape)}.")
+        if len(have) > 1:  # one tensor in the model: the checkpoint's copies must agree, or one would be dropped
+            ref = reader.get(have[0])
+            for n in have[1:]:
+                if not torch.equal(reader.get(n), ref):
+                    raise InputError(f"--weights {reader.path}: {have[0]!r} and {n!r} are one tied tensor in "
+                                     f"{where}, but the checkpoint holds different values for them. Keep one of "
+                                     "them (or make them equal).")
         need += math.prod(state[first].shape) * state[first].element_size()
     extra = [n for n in reader.names() if n not in persistent and n not in non_persistent]
     if extra:

@@ -318,6 +318,48 @@ def test_refusals_before_any_work(tmp_path):
         S.convert_checkpoint(build, ckpt, out, density=0.5, min_size=0)
 
 
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Linear(64, 64, bias=False), nn.Linear(64, 64), nn.Linear(64, 64, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(self.emb(x))))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "tied"])
+def test_checkpoints_with_non_finite_or_disagreeing_tied_weights_are_refused(tmp_path, bad):
+    # Both paths (streamed, and --weights loaded whole) refuse them naming the tensor; a streamed
+    # conversion wrote an artifact computing NaN, and of two different tied copies each path kept another.
+    from sparsify.model_spec import _load_weights
+
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in _Tied().state_dict().items()}  # both tied names
+    if bad == "tied":
+        sd["head.weight"] = torch.randn(64, 64)
+        match = "'emb.weight' and 'head.weight' are one tied tensor"
+    else:
+        sd["body.weight"][3, 5] = float(bad)
+        match = "tensor 'body.weight' holds NaN or inf"
+    ckpt = tmp_path / "model.safetensors"
+    save_file(sd, str(ckpt))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match):
+        S.convert_checkpoint(_Tied, ckpt, out, density=0.5, block_size=16, min_size=0)
+    assert not out.exists()
+    model = _Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError, match=match):
+        _load_weights(model, str(ckpt), "_Tied")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before loading
+    if bad == "tied":  # equal copies are what transformers may write: accepted
+        sd["head.weight"] = sd["emb.weight"].clone()
+        save_file(sd, str(ckpt))
+        _load_weights(model, str(ckpt), "_Tied")
+        S.convert_checkpoint(_Tied, ckpt, out, density=0.5, block_size=16, min_size=0)
+
+
 def test_assign_units_balances_and_covers():
     from types import SimpleNamespace
 
