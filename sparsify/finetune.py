@@ -27,11 +27,12 @@ model's device (CPU or GPU); the teacher must be on the same one.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -157,6 +158,16 @@ def _pick(leaves: list[tuple[str, torch.Tensor]], outputs: Sequence[str] | None,
     return leaves
 
 
+def _same_shapes(got: list, want: list, what: str) -> None:
+    """The student's and the teacher's tensors to match have one shape each (no silent broadcasting)."""
+    if len(got) != len(want):
+        raise ValueError(f"finetune: the model's {what} has {len(got)} tensors, the teacher's {len(want)}.")
+    for (name, s), (_, t) in zip(got, want):
+        if s.shape != t.shape:
+            raise ValueError(f"finetune: the model's {what} {name!r} has shape {list(s.shape)}, the teacher's "
+                             f"{list(t.shape)}; they must be the same model's outputs (give the original as teacher=).")
+
+
 class _Grab:
     """Forward hooks that keep the outputs of named modules for one step."""
 
@@ -193,7 +204,8 @@ def finetune(
     return the trained model (a copy unless ``inplace=True``).  See the module docstring.
 
     ``data`` is an iterable of input batches, as ``calibration_data=`` (cycled for ``steps``
-    steps).  With ``eval_data``, the model's relative output error against the teacher on it
+    steps; a one-shot iterator such as a generator is read for at most ``steps`` batches, so an
+    endless one is fine).  With ``eval_data``, the model's relative output error against the teacher on it
     is measured before and after and recorded.  ``also_train=("bias", "norm")`` trains every
     bias and the normalization layers' parameters too (see ``extra_parameters``).
 
@@ -209,6 +221,8 @@ def finetune(
     hidden = list(hidden)
     _check(model, teacher, steps, lr, loss, temperature, hidden, weight_decay, log_every, hidden_weight, also_train)
     also_train = tuple(also_train)
+    if isinstance(data, Iterator):  # a generator may be endless: the steps take at most `steps` of its batches
+        data = list(itertools.islice(data, steps))
     batches = as_batches(data, "finetune(data=...)")
     held = as_batches(eval_data, "finetune(eval_data=...)") if eval_data is not None else None
     student = model if inplace else copy.deepcopy(model)
@@ -242,7 +256,10 @@ def finetune(
                     args, kwargs = next(it)
                 except StopIteration:
                     it = iter(batches.batches(device))
-                    args, kwargs = next(it)
+                    args, kwargs = next(it, (None, None))
+                    if args is None:
+                        raise ValueError(f"finetune(data=...): the data yielded no batches (at step {step}); give "
+                                         "a list of batches or an iterable that can be read again.") from None
                 with torch.no_grad():
                     want = _pick(_leaves(teacher(*args, **kwargs)), outputs, loss)
                     want_hidden = {} if grabs is None else dict(grabs[1].out)
@@ -250,6 +267,7 @@ def finetune(
                 if len(got) != len(want):
                     raise ValueError(f"finetune: the model returned {len(got)} outputs to match, the teacher "
                                      f"{len(want)}.")
+                _same_shapes(got, want, "output")
                 if loss == "kl":
                     tt = temperature
                     total = sum(F.kl_div(F.log_softmax(s.float() / tt, -1), F.log_softmax(t.float() / tt, -1),
@@ -260,6 +278,7 @@ def finetune(
                 if grabs is not None:
                     for h in hidden:
                         s_leaves, t_leaves = _leaves(grabs[0].out[h]), _leaves(want_hidden[h])
+                        _same_shapes(s_leaves, t_leaves, f"hidden state of {h!r}")
                         total = total + hidden_weight * sum(_rel_sq(s, t) for (_, s), (_, t) in zip(s_leaves, t_leaves))
                 opt.zero_grad(set_to_none=True)
                 total.backward()

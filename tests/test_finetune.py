@@ -117,6 +117,44 @@ def test_a_model_with_nothing_rewritten_is_refused():
         sparsify.finetune(teacher, teacher, _data(1), steps=1, progress=False)
 
 
+def test_an_endless_generator_gives_only_the_batches_the_steps_take():
+    # as_batches reads a one-shot iterator into a list: an endless one hung, growing without bound
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
+    drawn = []
+
+    def endless():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            drawn.append(1)
+            yield torch.randn(8, 128, generator=g)
+
+    out = sparsify.finetune(student, teacher, endless(), steps=3, lr=1e-3, progress=False)
+    assert out._sparsify_finetune["steps"] == 3 and len(drawn) == 3
+
+
+class _NoLen:
+    """An iterable without ``__len__`` that yields nothing (an IterableDataset's DataLoader, say)."""
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_data_that_yields_nothing_and_outputs_of_another_shape_are_named():
+    teacher = _teacher()
+    student = sparsify.sparsify(teacher, method="low_rank", rank=8, min_size=0)
+    with pytest.raises(ValueError, match="the data yielded no batches"):  # was a bare StopIteration
+        sparsify.finetune(student, teacher, _NoLen(), steps=2, progress=False)
+    # a teacher whose output (or hidden state) has another shape was broadcast against the student's
+    other = nn.Sequential(nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU(), nn.Linear(128, 1))
+    with pytest.raises(ValueError, match=r"output 'output' has shape \[32, 64\], the teacher's \[32, 1\]"):
+        sparsify.finetune(student, other, _data(1), steps=2, progress=False)
+    torch.manual_seed(0)
+    narrow = nn.Sequential(nn.Linear(128, 96), nn.LayerNorm(96), nn.GELU(), nn.Linear(96, 64))
+    with pytest.raises(ValueError, match=r"hidden state of '0' 'output' has shape \[32, 128\], the teacher's \[32, 96\]"):
+        sparsify.finetune(student, narrow, _data(1), steps=2, hidden=["0"], progress=False)
+
+
 class _Embedder(nn.Module):
     """Embedding -> Linear -> LayerNorm -> Linear, the shape of a transformer's sublayer."""
 
