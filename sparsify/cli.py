@@ -116,9 +116,18 @@ def _config_from_args(args) -> Any:
     if args.min_size is not None:
         data["min_size"] = args.min_size
     try:
-        return SparsifyConfig.from_dict(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unused option is an error here, said below
+            cfg = SparsifyConfig.from_dict(data)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{where}: {exc}") from None
+    unused = cfg.unused_params()
+    if unused:
+        name = unused[0]
+        given = f"--{name.replace('_', '-')}" if flags.get(name) is not None else f"{where}: {name}"
+        raise InputError(f"{given}: no method in use ({', '.join(sorted(cfg.methods_used()))}) takes {name}, so it "
+                         "would change nothing. Drop it, or choose a method that takes it (--method, or a rule).")
+    return cfg
 
 
 # ---------------------------------------------------------------------- models

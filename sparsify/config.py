@@ -260,6 +260,25 @@ class SparsifyConfig:
         for r in self.rules:
             if r.method is not None:
                 self.params_for(r.method, r.params, where=repr(r))
+            elif r.params and not getattr(r, "skip", False):  # the rule's options go to the default method
+                self.params_for(method, r.params, where=repr(r))
+        unused = self.unused_params()
+        if unused:
+            msg = (f"SparsifyConfig: option {unused[0]}= is taken by no method this config uses "
+                   f"({', '.join(sorted(self.methods_used()))}), so it changes nothing. Drop it, or choose a method "
+                   "that takes it (method=, or a Rule).")
+            if self.strict:
+                raise ValueError(msg)
+            warnings.warn(msg, stacklevel=2)
+
+    def methods_used(self) -> set[str]:
+        """The default method and every rule's."""
+        return {self.method} | {r.method for r in self.rules if r.method is not None}
+
+    def unused_params(self) -> list[str]:
+        """The model-wide options that no method of :meth:`methods_used` takes (they would change nothing)."""
+        used = self.methods_used()
+        return [k for k in self.params if not any(k in METHODS[m].defaults for m in used)]
 
     def _check_shadowed(self) -> None:
         """A rule that can match only layers an earlier rule already takes never applies: say so

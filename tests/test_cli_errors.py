@@ -67,6 +67,8 @@ CASES = [
     (["--input-shape", "4,x"], f"{ZOO}:mlp", "comma-separated integers"),
     (["--config", "missing.toml"], f"{ZOO}:mlp", "no such file"),
     (["--weights", "missing.safetensors"], f"{ZOO}:mlp", "no such file"),
+    (["--method", "block_sparse", "--rank", "4"], f"{ZOO}:mlp", "--rank: no method in use (block_sparse) takes rank"),
+    (["--method", "low_rank", "--rank", "4", "--density", "0.1"], f"{ZOO}:mlp", "--density: no method in use"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -145,10 +146,23 @@ def test_config_round_trips_through_a_dict_and_shorthand_overrides():
     (lambda: SparsifyConfig(method="block_sparse", rules=[Rule("x", method="low_rank")]), "needs one of rank"),
     (lambda: SparsifyConfig(min_size=-1), "min_size"),
     (lambda: SparsifyConfig(rules=["x"]), "rule 0"),
+    # a rule without a method configures the default one: checked before the model is touched
+    (lambda: SparsifyConfig(method="block_sparse", density=0.5, rules=[Rule("2", rank=4)]),
+     r"Rule\('2', rank=4\): method 'block_sparse' takes no option 'rank'"),
+    (lambda: SparsifyConfig(method="block_sparse", density=0.5, rank=4, strict=True), "option rank= is taken by no"),
 ])
 def test_invalid_config_names_the_option(make, option):
     with pytest.raises(ValueError, match=option):
         make()
+
+
+def test_an_option_no_method_takes_is_a_warning_unless_a_rule_uses_it():
+    with pytest.warns(UserWarning, match=r"option rank= is taken by no method this config uses \(block_sparse\)"):
+        SparsifyConfig(method="block_sparse", density=0.5, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # a rule's method takes it: the model-wide rank applies to those layers
+        SparsifyConfig(method="block_sparse", density=0.5, rank=4, rules=[Rule("fc*", method="low_rank")])
 
 
 def test_report_is_a_table_and_json_and_works_without_shapes():
