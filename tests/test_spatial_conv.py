@@ -16,6 +16,9 @@ kernel size, stride, dilation):
   present points (empty sites are not averaged in); ``kernel_size == stride`` pools each
   point into its strided parent, as dense pooling without padding does.
 * Gradients of every op equal float64 finite differences (``torch.autograd.gradcheck``).
+* Output coordinates that would leave int32 (a region expanded, or a coordinate floored by a
+  stride, past the int32 edge) raise an error naming the layer, its kernel and stride; at the
+  edge but inside, the output coordinates are exact.
 
 float32 tolerance 1e-5 relative: each output is a sum of at most 81 * 4 products, summed in a
 different order from the dense kernel; float32's 2^-24 rounding accumulates to ~1e-6.
@@ -340,3 +343,38 @@ def test_pooling_in_4d_equals_the_dense_window_sum(scene, ks_stride):
     eye = torch.eye(feats.shape[1], dtype=feats.dtype).expand(k**4, -1, -1)  # sum pooling = conv with identity
     ref = read_at(shifted_sum_conv(dense_grid(x.C, x.F, batch, ext), eye, (k,) * 4, 1, s), y.C, s)
     assert rel_err(y.F, ref) < RTOL
+
+
+INT32_MAX = 2**31 - 1
+
+
+@given(st.sampled_from([1, 2, 3]), st.sampled_from([2, 3]), st.booleans(), st.integers(0, 3))
+def test_region_expansion_past_int32_raises_naming_the_layer(d, k, high, margin):
+    # a point `margin` cells from the int32 edge; a kernel reaching past it must not wrap
+    edge = INT32_MAX - margin if high else -INT32_MAX - 1 + margin
+    coords = torch.zeros(1, 1 + d, dtype=torch.int64)
+    coords[0, 1] = edge
+    x = ME.SparseTensor(torch.ones(1, 1, dtype=torch.float64), coords.to(torch.int32))
+    up = ME.MinkowskiGenerativeConvolutionTranspose(1, 1, kernel_size=k, stride=1, dimension=d).double()
+    offs = ME.KernelGenerator(k, dimension=d).offsets((1,) * d)
+    sites = coords[:, 1:] + offs  # int64: the exact output coordinates
+    if bool(((sites < -INT32_MAX - 1) | (sites > INT32_MAX)).any()):
+        with pytest.raises(ValueError, match=rf"MinkowskiGenerativeConvolutionTranspose \(KernelGenerator\(kernel_size=\[{k}.*"
+                                             r"outside the int32 range"):
+            up(x)
+    else:
+        y = up(x)
+        assert {tuple(r) for r in y.C.tolist()} == {(0, *r) for r in sites.tolist()}
+
+
+@given(st.integers(0, 8), st.sampled_from([2, 3, 4, 5, 6]))
+def test_downsampling_at_the_int32_floor_raises_or_is_exact(margin, s):
+    c = -(2**31) + margin
+    x = ME.SparseTensor(torch.ones(2, 1), torch.tensor([[0, c, 0], [0, 7, 0]], dtype=torch.int32))
+    conv = ME.MinkowskiConvolution(1, 1, kernel_size=s, stride=s, dimension=2)
+    want = (c // s) * s  # Python's floor division: exact
+    if want < -(2**31):
+        with pytest.raises(ValueError, match=rf"MinkowskiConvolution .*stride=\[{s}, {s}\].*outside the int32 range"):
+            conv(x)
+    else:
+        assert conv(x).C[:, 1].tolist() == [want, (7 // s) * s]

@@ -10,7 +10,9 @@ Properties:
 * union, pruning, broadcast, cat, batch / instance norm, linear and activations act on the
   features as their definitions say; bad input raises a specific error;
 * the MinkUNet example trains for a few iterations (loss falls) with only the import changed;
-* the layers re-trace: a model using them runs under ``torch.compile`` eager backend.
+* the layers re-trace: a model using them runs under ``torch.compile`` eager backend;
+* coordinates a map cannot hold (NaN, +-inf, outside int32, a quantization_size that is not
+  finite and positive or too small) raise a ValueError naming the row and column; nothing wraps.
 """
 
 from __future__ import annotations
@@ -261,3 +263,68 @@ def test_minkunet_example_trains(monkeypatch, capsys):
     src = (ROOT / "examples" / "minkunet_segmentation.py").read_text()
     assert "import sparsify.spatial as ME" in src and "sparsify" not in src.replace(
         "import sparsify.spatial as ME", "").replace("from sparsify.spatial.modules.resnet_block import BasicBlock", "")
+
+
+BAD_FLOATS = [float("nan"), float("inf"), float("-inf"), 1e12, -1e12, 2.0**31, -(2.0**31) - 1]
+
+
+@given(st.integers(1, 20), st.integers(1, 3), st.data())
+def test_int64_coordinates_outside_int32_raise_naming_the_row(n, d, data):
+    coords = torch.zeros(n, 1 + d, dtype=torch.int64)
+    coords[:, 1] = torch.arange(n)
+    r, c = data.draw(st.integers(0, n - 1)), data.draw(st.integers(1, d))
+    v = data.draw(st.one_of(st.integers(2**31, 2**62), st.integers(-(2**62), -(2**31) - 1)))
+    coords[r, c] = v
+    with pytest.raises(ValueError, match=rf"row {r}, column {c} is {v}, outside the int32 range"):
+        ME.SparseTensor(torch.ones(n, 1), coords)
+    with pytest.raises(ValueError, match=rf"row {r}, column {c} is {v}, outside the int32 range"):
+        ME.TensorField(torch.ones(n, 1), coordinates=coords)
+    # the int32 extremes themselves are coordinates, kept exactly and distinct
+    coords[r, c] = -(2**31) if v < 0 else 2**31 - 1
+    x = ME.SparseTensor(torch.ones(n, 1), coords)
+    assert torch.equal(x.C.long(), coords)
+
+
+@given(st.integers(1, 20), st.sampled_from(BAD_FLOATS), st.data())
+def test_float_coordinates_that_are_not_finite_or_too_large_raise_naming_the_row(n, v, data):
+    coords = torch.zeros(n, 4, dtype=torch.float64)
+    coords[:, 1] = torch.arange(n) + 0.5
+    r, c = data.draw(st.integers(0, n - 1)), data.draw(st.integers(1, 3))
+    coords[r, c] = v
+    why = "not a finite number" if v != v or abs(v) == float("inf") else "outside the int32 range"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=rf"SparseTensor: coordinate row {r}, column {c} .*{why}"):
+        ME.SparseTensor(torch.ones(n, 1), coords)
+    # a field names the row when built, not a misleading box size at sparse()
+    with pytest.raises(ValueError, match=rf"TensorField: coordinate row {r}, column {c} .*{why}"):
+        ME.TensorField(torch.ones(n, 1), coordinates=coords).sparse()
+    with pytest.raises(ValueError, match=rf"item 0\): coordinate row {r}, column {c - 1} .*{why}"):
+        ME.utils.batched_coordinates([coords[:, 1:]])
+
+
+def test_two_far_points_are_refused_not_merged():
+    coords = torch.tensor([[0.0, 1e12, 0.0], [0.0, -1e12, 0.0]], dtype=torch.float64)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"row 0, column 1 is 1000000000000.0.*2 rows"):
+        ME.SparseTensor(torch.ones(2, 1), coords)
+
+
+@pytest.mark.parametrize("q", [float("nan"), float("inf"), 0.0, -0.5, [0.1, float("nan"), 0.1]])
+def test_sparse_quantize_needs_a_finite_positive_quantization_size(q):
+    with pytest.raises(ValueError, match="quantization_size must be finite and positive"):
+        ME.utils.sparse_quantize(torch.rand(5, 3), quantization_size=q)
+
+
+@given(st.integers(1, 30), st.sampled_from(BAD_FLOATS[:3]), st.data())
+def test_sparse_quantize_refuses_points_that_are_not_finite(n, v, data):
+    pts = torch.rand(n, 3, dtype=torch.float64)
+    r, c = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, 2))
+    pts[r, c] = v
+    for q in (0.5, None):
+        with pytest.raises(ValueError, match=rf"sparse_quantize: point row {r}, column {c} is {v}.*not a finite number"):
+            ME.utils.sparse_quantize(pts, quantization_size=q)
+
+
+@given(st.floats(1e-15, 1e-10), st.integers(0, 100))
+def test_sparse_quantize_with_a_too_small_quantization_size_raises_instead_of_collapsing(q, seed):
+    pts = torch.rand(10, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.01
+    with pytest.raises(ValueError, match="outside the int32 range.*larger quantization_size"):
+        ME.utils.sparse_quantize(pts, quantization_size=q)

@@ -43,9 +43,11 @@ __all__ = [
     "CoordinateMap",
     "KernelMap",
     "build_kernel_map",
+    "check_coordinate_range",
     "check_coordinates",
-    "index_dtype",
     "expand_region",
+    "floor_coordinates",
+    "index_dtype",
     "kernel_offsets",
     "kernel_volume",
     "stride_coordinates",
@@ -62,6 +64,10 @@ _DENSE_PER_POINT = 256
 # (torch's CPU sort: ~60 ns a key) costs more than it saves.
 _KEY_ORDER_MIN = 1 << 16
 _INT64_SAFE = 1 << 62
+# Coordinate maps hold int32 coordinates (what MinkowskiEngine and the CUDA kernels use).
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+_RANGE_HINT = ("quantize the points with a larger quantization_size (sparsify.spatial.utils.sparse_quantize) "
+               "or shift them (subtract their minimum) so that every coordinate fits")
 
 
 def _dot(rel: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
@@ -101,6 +107,62 @@ def check_coordinates(coords: torch.Tensor, where: str) -> None:
             f"{where}: expected integer coordinates (int32). Got {coords.dtype}; quantize them first "
             "(sparsify.spatial.utils.sparse_quantize, or a TensorField)."
         )
+    check_coordinate_range(coords, where)
+
+
+def check_coordinate_range(coords: torch.Tensor, where: str, hint: str = _RANGE_HINT, what: str = "coordinate",
+                           source: torch.Tensor | None = None, source_unit: str = "") -> None:
+    """Raise a ValueError naming the first entry of ``coords`` ``[N, C]`` that a coordinate map
+    cannot hold: not finite, or (floored, for floating input) outside int32; ``hint`` says what
+    to do about a value out of range.  Vectorized: one comparison pass, none for int32 input.
+    ``source`` (same shape), when given, is the value named, ``coords`` shown as its value
+    ``source_unit`` (e.g. points before and after dividing by the voxel size).
+
+    Example:
+        >>> check_coordinate_range(torch.tensor([[0, 1], [0, 2**32]]), "here")
+        Traceback (most recent call last):
+            ...
+        ValueError: here: coordinate row 1, column 1 is 4294967296, outside the int32 range [-2147483648, 2147483647] coordinate maps use; quantize the points ...
+    """
+    dt = coords.dtype
+    if coords.numel() == 0 or dt == torch.bool:
+        return
+    if not dt.is_floating_point and torch.iinfo(dt).min >= INT32_MIN and torch.iinfo(dt).max <= INT32_MAX:
+        return
+    c = coords.float() if dt.is_floating_point and dt.itemsize < 4 else coords  # 2^31 is inf in half precision
+    # floor(c) fits iff INT32_MIN <= c < INT32_MAX + 1; NaN propagates into the bounds and fails both
+    lo, hi = torch.aminmax(c)
+    if bool(lo >= INT32_MIN) and bool(hi < INT32_MAX + 1):
+        return
+    bad = ~((c >= INT32_MIN) & (c < INT32_MAX + 1))
+    rows = int(bad.any(1).sum()) if bad.dim() == 2 else int(bad.sum())
+    first = tuple(torch.nonzero(bad)[0].tolist())
+    v = coords[first].item()
+    shown = repr(v)
+    if source is not None:
+        shown = f"{source[first].item()!r} ({v!r} {source_unit})".replace(" )", ")")
+    at = f"row {first[0]}" + (f", column {first[1]}" if len(first) > 1 else "")
+    more = f" ({rows} rows are affected)" if rows > 1 else ""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{where}: {what} {at} is {shown}, not a finite number{more}; drop or repair the points "
+                         "that are not finite first.")
+    raise ValueError(f"{where}: {what} {at} is {shown}, outside the int32 range [{INT32_MIN}, {INT32_MAX}] "
+                     f"coordinate maps use{more}; {hint}.")
+
+
+def floor_coordinates(coords: torch.Tensor, where: str, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``floor(coords)`` as ``dtype`` (integer input: cast), after :func:`check_coordinate_range`:
+    never a silent wrap of a NaN, an infinity or a value outside int32.
+
+    Example:
+        >>> floor_coordinates(torch.tensor([[0.0, -0.5, 2.7]]), "here").tolist()
+        [[0, -1, 2]]
+    """
+    if not dtype.is_floating_point:
+        check_coordinate_range(coords, where)
+    if coords.dtype.is_floating_point:
+        coords = torch.floor(coords)
+    return coords.to(dtype)
 
 
 # --------------------------------------------------------------------- kernels
@@ -437,21 +499,40 @@ def unique_coordinates(coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return first[order], rank[inv]
 
 
-def stride_coordinates(coords: torch.Tensor, tensor_stride: Sequence[int]) -> torch.Tensor:
+def stride_coordinates(coords: torch.Tensor, tensor_stride: Sequence[int], where: str = "stride_coordinates"
+                       ) -> torch.Tensor:
     """``floor(c / s) * s`` on the spatial columns (the coordinates a strided map holds).
+
+    A stride that does not divide 2^31 can floor an int32 coordinate near ``INT32_MIN`` below
+    it: that raises (naming ``where`` and the stride) instead of wrapping.
 
     Example:
         >>> stride_coordinates(torch.tensor([[0, -1, 3]], dtype=torch.int32), (2, 2)).tolist()
         [[0, -2, 2]]
     """
     s = torch.tensor([1, *tensor_stride], dtype=coords.dtype, device=coords.device)
-    return torch.div(coords, s, rounding_mode="floor") * s
+    out = torch.div(coords, s, rounding_mode="floor") * s
+    # floor(c / s) * s <= c; in int32 only a wrap past INT32_MIN can make it larger, and only
+    # for a stride that is not a power of two (INT32_MIN is a multiple of every other one).
+    if coords.dtype == torch.int32 and coords.shape[0] and any(int(t) & (int(t) - 1) for t in tensor_stride):
+        wrapped = (out > coords).any(1)
+        if bool(wrapped.any()):
+            r = int(torch.nonzero(wrapped)[0])
+            raise ValueError(
+                f"{where}: coordinate row {r} {coords[r].tolist()} at tensor stride {tuple(tensor_stride)} floors to "
+                f"below {INT32_MIN}, outside the int32 range coordinate maps use; shift the coordinates toward 0."
+            )
+    return out
 
 
-def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Sequence[int] | None) -> torch.Tensor:
+def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Sequence[int] | None,
+                  where: str = "expand_region") -> torch.Tensor:
     """Every ``coord + offset`` (optionally only those aligned to ``out_stride``), unique, in order
     of first appearance with coordinates outer and offsets inner (MinkowskiEngine's
     ``stride_region``: generative transposed convolution and ``expand_coordinates``).
+
+    An output coordinate outside int32 raises (naming ``where``, the input row and the offset)
+    instead of wrapping.
 
     Example:
         >>> c = torch.tensor([[0, 0]], dtype=torch.int32)
@@ -461,9 +542,27 @@ def expand_region(coords: torch.Tensor, offsets: torch.Tensor, out_stride: Seque
     k = offsets.shape[0]
     off = torch.cat([torch.zeros(k, 1, dtype=torch.int64), offsets.to(torch.int64)], 1).to(coords.device)
     cand = (coords.to(torch.int64)[:, None, :] + off[None]).reshape(-1, coords.shape[1])
+    keep = None
     if out_stride is not None:
         s = torch.tensor(list(out_stride), dtype=torch.int64, device=coords.device)
-        cand = cand[(cand[:, 1:] % s == 0).all(1)]
+        keep = (cand[:, 1:] % s == 0).all(1)
+    if coords.shape[0] and k:
+        # The bounds decide for every candidate at once; only a map at the edge of int32 looks closer.
+        lo = coords[:, 1:].amin(0).to(torch.int64).cpu() + off[:, 1:].amin(0).cpu()
+        hi = coords[:, 1:].amax(0).to(torch.int64).cpu() + off[:, 1:].amax(0).cpu()
+        if bool((lo < INT32_MIN).any() or (hi > INT32_MAX).any()):
+            bad = ((cand[:, 1:] < INT32_MIN) | (cand[:, 1:] > INT32_MAX)).any(1)
+            if keep is not None:
+                bad &= keep
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"{where}: output coordinate {cand[i].tolist()} (input row {i // k} {coords[i // k].tolist()} + "
+                    f"kernel offset {off[i % k, 1:].tolist()}) is outside the int32 range [{INT32_MIN}, {INT32_MAX}] "
+                    "coordinate maps use; shift the input coordinates toward 0."
+                )
+    if keep is not None:
+        cand = cand[keep]
     first, _ = unique_coordinates(cand)
     return cand[first].to(torch.int32)
 

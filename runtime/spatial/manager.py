@@ -177,8 +177,10 @@ class CoordinateManager:
         any_map = next(iter(self._maps.values()), None)
         return 0 if any_map is None else int(torch.unique(any_map.coordinates[:, 0]).numel())
 
-    def stride(self, in_key: CoordinateMapKey, stride: Sequence[int], string_id: str = "") -> CoordinateMapKey:
-        """The map at ``tensor_stride * stride`` of ``in_key`` (created once, then reused)."""
+    def stride(self, in_key: CoordinateMapKey, stride: Sequence[int], string_id: str = "",
+               where: str = "CoordinateManager.stride") -> CoordinateMapKey:
+        """The map at ``tensor_stride * stride`` of ``in_key`` (created once, then reused).  ``where``
+        (the layer asking) names the error when a strided coordinate would leave int32."""
         stride = as_stride(stride, self.D)
         if all(s == 1 for s in stride):
             return in_key
@@ -186,7 +188,7 @@ class CoordinateManager:
         out_key = CoordinateMapKey(ts, string_id or in_key.string_id)
         if out_key not in self._maps:
             src = self.coordinate_map(in_key).coordinates
-            strided = stride_coordinates(src, ts)
+            strided = stride_coordinates(src, ts, where)
             uniq, _, index = CoordinateIndex.build_unique(strided, ts, ts)
             cmap = CoordinateMap(strided[uniq], ts)
             if index is not None:
@@ -204,14 +206,16 @@ class CoordinateManager:
         return tuple(t // s for t, s in zip(in_key.tensor_stride, stride))
 
     def stride_region(self, in_key: CoordinateMapKey, offsets: torch.Tensor, out_stride: tuple[int, ...],
-                      expand_coordinates: bool, is_transpose: bool) -> CoordinateMapKey:
+                      expand_coordinates: bool, is_transpose: bool,
+                      where: str = "CoordinateManager.stride_region") -> CoordinateMapKey:
         """MinkowskiEngine's ``stride_region``: the map at ``out_stride`` if it exists and no
-        expansion is asked for; else every (aligned, unless transposed) ``coord + offset``."""
+        expansion is asked for; else every (aligned, unless transposed) ``coord + offset``.
+        ``where`` (the layer asking) names the error when one would leave int32."""
         out_key = CoordinateMapKey(tuple(out_stride), "")
         if out_key in self._maps and not expand_coordinates:
             return out_key
         src = self.coordinate_map(in_key).coordinates
-        coords = expand_region(src, offsets, None if is_transpose else out_stride)
+        coords = expand_region(src, offsets, None if is_transpose else out_stride, where)
         cmap = CoordinateMap(coords, tuple(out_stride))
         if out_key in self._maps:
             return self.insert(cmap, "expanded")

@@ -118,10 +118,12 @@ class KernelGenerator:
 
 
 def output_key(input: SparseTensor, kg: KernelGenerator, coordinates=None, is_transpose: bool = False,
-               expand: bool = False) -> CoordinateMapKey:
+               expand: bool = False, layer: str = "") -> CoordinateMapKey:
     """Where a layer writes: given ``coordinates`` (a tensor, key or SparseTensor), else the
-    strided map (transposed: the finer map, expanded when it does not exist or ``expand``)."""
+    strided map (transposed: the finer map, expanded when it does not exist or ``expand``).
+    An output coordinate outside int32 raises an error naming ``layer`` and ``kg``."""
     manager = input.coordinate_manager
+    where = f"{layer or 'output_key'} ({kg!r} at tensor stride {input.tensor_stride})"
     if coordinates is not None and not expand:
         if isinstance(coordinates, SparseTensor):
             if coordinates.coordinate_manager is not manager:
@@ -139,11 +141,11 @@ def output_key(input: SparseTensor, kg: KernelGenerator, coordinates=None, is_tr
     in_key = input.coordinate_map_key
     if is_transpose:
         out_ts = manager.transposed_stride(in_key, kg.kernel_stride)
-        return manager.stride_region(in_key, kg.offsets(out_ts), out_ts, expand, True)
+        return manager.stride_region(in_key, kg.offsets(out_ts), out_ts, expand, True, where)
     if expand:
         out_ts = tuple(a * b for a, b in zip(input.tensor_stride, kg.kernel_stride))
-        return manager.stride_region(in_key, kg.offsets(input.tensor_stride), out_ts, True, False)
-    return manager.stride(in_key, kg.kernel_stride)
+        return manager.stride_region(in_key, kg.offsets(input.tensor_stride), out_ts, True, False, where)
+    return manager.stride(in_key, kg.kernel_stride, where=where)
 
 
 def _check_input(layer: nn.Module, input, channels: int) -> None:
@@ -207,7 +209,7 @@ class MinkowskiConvolutionBase(nn.Module):
             out_key, feats = input.coordinate_map_key, input.F @ self.kernel
         else:
             kg = self.kernel_generator
-            out_key = output_key(input, kg, coordinates, self.is_transpose, kg.expand_coordinates)
+            out_key = output_key(input, kg, coordinates, self.is_transpose, kg.expand_coordinates, type(self).__name__)
             km = kg.kernel_map(manager, input.coordinate_map_key, out_key, is_transpose=self.is_transpose)
             weight = self.kernel.reshape(1, *self.kernel.shape) if self.use_mm else self.kernel
             feats = _run(input.F, weight, km, False)
@@ -273,7 +275,7 @@ class MinkowskiChannelwiseConvolution(nn.Module):
     def forward(self, input: SparseTensor, coordinates=None) -> SparseTensor:
         _check_input(self, input, self.in_channels)
         kg = self.kernel_generator
-        out_key = output_key(input, kg, coordinates)
+        out_key = output_key(input, kg, coordinates, layer=type(self).__name__)
         km = kg.kernel_map(input.coordinate_manager, input.coordinate_map_key, out_key)
         feats = _run(input.F, self.kernel, km, True)
         if self.bias is not None:

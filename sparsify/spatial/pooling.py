@@ -89,7 +89,7 @@ class MinkowskiPoolingBase(nn.Module):
         if input.D != self.dimension:
             raise ValueError(f"{type(self).__name__}: dimension={self.dimension} but the input is {input.D}-dimensional.")
         kg = self.kernel_generator
-        out_key = output_key(input, kg, coordinates, self.is_transpose, kg.expand_coordinates)
+        out_key = output_key(input, kg, coordinates, self.is_transpose, kg.expand_coordinates, type(self).__name__)
         km = kg.kernel_map(input.coordinate_manager, input.coordinate_map_key, out_key,
                            is_transpose=self.is_transpose, is_pool=True)
         return SparseTensor(pool(input.F, km, self.mode), coordinate_map_key=out_key,

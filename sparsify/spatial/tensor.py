@@ -26,7 +26,7 @@ from enum import Enum
 import torch
 
 from ..runtime.spatial import CoordinateManager, CoordinateMapKey, as_stride, stride_coordinates
-from ..runtime.spatial.coords import check_coordinates
+from ..runtime.spatial.coords import check_coordinate_range, check_coordinates, floor_coordinates
 
 __all__ = [
     "MinkowskiAlgorithm",
@@ -305,7 +305,7 @@ class SparseTensor(_TensorBase):
             else:
                 warnings.warn("SparseTensor: coordinates implicitly converted to torch.IntTensor (floor); "
                               "use .int() to convert them yourself.", stacklevel=2)
-                coordinates = torch.floor(coordinates).int()
+                coordinates = floor_coordinates(coordinates, "SparseTensor")
             if features.shape[0] != coordinates.shape[0]:
                 raise ValueError(
                     f"SparseTensor: {features.shape[0]} feature rows but {coordinates.shape[0]} coordinate rows; "
@@ -473,9 +473,8 @@ class SparseTensor(_TensorBase):
 
     def features_at_coordinates(self, query_coordinates: torch.Tensor) -> torch.Tensor:
         """Features of the voxel holding each query coordinate ``[M, 1 + D]`` (zeros where none)."""
-        q = torch.floor(query_coordinates).to(torch.int32) if query_coordinates.dtype.is_floating_point \
-            else query_coordinates.to(torch.int32)
-        q = stride_coordinates(q, self.tensor_stride)
+        q = floor_coordinates(query_coordinates, "SparseTensor.features_at_coordinates")
+        q = stride_coordinates(q, self.tensor_stride, "SparseTensor.features_at_coordinates")
         rows = self._manager.coordinate_map(self.coordinate_map_key).index().lookup(q)
         out = self._F[rows.clamp_min(0)]
         return torch.where((rows >= 0)[:, None], out, torch.zeros_like(out))
@@ -510,6 +509,8 @@ class TensorField(_TensorBase):
             )
         if not isinstance(quantization_mode, SparseTensorQuantizationMode):
             raise TypeError(f"TensorField: quantization_mode must be a SparseTensorQuantizationMode. Got {quantization_mode!r}.")
+        if _field_id is None:  # a new field (copies of a field share its checked coordinates)
+            check_coordinate_range(coordinates, "TensorField")  # sparse() floors them into int32 maps
         D = coordinates.shape[1] - 1
         self._manager = _manager_for(D, coordinate_manager, minkowski_algorithm)
         self._C = coordinates
@@ -541,9 +542,9 @@ class TensorField(_TensorBase):
         return self._with_features(self._F.detach())
 
     def _quantized(self, tensor_stride) -> torch.Tensor:
-        c = self._C
+        c = self._C  # range-checked at construction
         c = torch.floor(c).to(torch.int32) if c.dtype.is_floating_point else c.to(torch.int32)
-        return stride_coordinates(c, tensor_stride)
+        return stride_coordinates(c, tensor_stride, "TensorField.sparse")
 
     def sparse(self, tensor_stride=None, coordinate_map_key=None, quantization_mode=None) -> SparseTensor:
         """Quantize into a SparseTensor on this field's coordinate manager."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..runtime.spatial import unique_coordinates
+from ..runtime.spatial.coords import check_coordinate_range, floor_coordinates
 
 __all__ = ["batch_sparse_collate", "batched_coordinates", "sparse_collate", "sparse_quantize"]
 
@@ -40,18 +41,25 @@ def sparse_quantize(coordinates, features=None, labels=None, ignore_label: int =
     Returns, as MinkowskiEngine does: the coordinates (int32); then the features and the labels
     when given (a voxel whose points disagree on the label gets ``ignore_label``); then the
     unique index and the inverse mapping when asked.  ``return_maps_only`` returns just those.
+
+    ``quantization_size`` must be finite and positive, and large enough that every voxel
+    coordinate fits int32; a NaN or infinite point raises naming its row (nothing wraps).
     """
     coords = _as_tensor(coordinates, "sparse_quantize(coordinates)")
     if coords.dim() != 2:
         raise ValueError(f"sparse_quantize: coordinates must be [N, D]. Got shape {tuple(coords.shape)}.")
     if quantization_size is not None:
         q = torch.as_tensor(quantization_size, dtype=torch.float64).reshape(-1)
-        if bool((q <= 0).any()):
-            raise ValueError(f"sparse_quantize: quantization_size must be positive. Got {quantization_size}.")
-        coords = torch.floor(coords.to(torch.float64) / q)
-    elif coords.dtype.is_floating_point:
-        coords = torch.floor(coords)
-    coords = coords.to(torch.int32).to(device)
+        if not bool((torch.isfinite(q) & (q > 0)).all()):
+            raise ValueError(f"sparse_quantize: quantization_size must be finite and positive. Got {quantization_size}.")
+        scaled = coords.to(torch.float64) / q
+        check_coordinate_range(scaled, "sparse_quantize", what="point", source=coords,
+                               source_unit=f"in voxels of quantization_size {quantization_size}",
+                               hint="use a larger quantization_size or shift the points (subtract their minimum)")
+        coords = scaled
+    else:
+        check_coordinate_range(coords, "sparse_quantize", what="point")
+    coords = (torch.floor(coords) if coords.dtype.is_floating_point else coords).to(torch.int32).to(device)
     uniq, inv = unique_coordinates(coords)
     if return_maps_only:
         return (uniq, inv) if return_inverse else uniq
@@ -82,8 +90,8 @@ def batched_coordinates(coords: Sequence, dtype: torch.dtype = torch.int32, devi
     d = items[0].shape[1]
     if any(c.dim() != 2 or c.shape[1] != d for c in items):
         raise ValueError("batched_coordinates: every item must be a [N, D] matrix with the same D.")
-    rows = [torch.cat([torch.full((c.shape[0], 1), b, dtype=dtype), torch.floor(c).to(dtype) if c.dtype.is_floating_point
-                       else c.to(dtype)], 1) for b, c in enumerate(items)]
+    rows = [torch.cat([torch.full((c.shape[0], 1), b, dtype=dtype), floor_coordinates(c, f"batched_coordinates(item {b})", dtype)], 1)
+            for b, c in enumerate(items)]
     out = torch.cat(rows)
     return out if device is None else out.to(device)
 
