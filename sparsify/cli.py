@@ -59,7 +59,9 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"--config {path}: no such file.")
+        from .files import not_a_file
+
+        raise InputError(f"--config {path}: {not_a_file(p)}.")
     try:
         data = tomllib.loads(p.read_text())
     except (UnicodeDecodeError, OSError) as exc:

@@ -363,6 +363,23 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def not_a_file(p: str | os.PathLike) -> str:
+    """Why ``p`` cannot be read as a file, for a message: ``"no such file"``, ``"is a folder, not a file"``,
+    or ``"is not a regular file (a FIFO, socket or device)"``.
+
+    Example:
+        >>> not_a_file("/no/such/path"), not_a_file("/")
+        ('no such file', 'is a folder, not a file')
+    """
+    try:
+        mode = os.stat(p).st_mode
+    except OSError:
+        return "no such file"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return "is not a regular file (a FIFO, socket or device)"
+
+
 def is_regular_file(p: Path) -> bool:
     """Whether ``p`` is a regular file itself (not a folder, a link, a FIFO or a device)."""
     try:

@@ -408,7 +408,9 @@ def _load_weights(model: nn.Module, path: str, what: str) -> None:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise InputError(f"--weights {path}: no such file.")
+        from .files import not_a_file
+
+        raise InputError(f"--weights {path}: {not_a_file(path)}.")
     if str(path).endswith(".json"):  # a sharded checkpoint's index (model.safetensors.index.json)
         from .streaming import CheckpointReader
 
@@ -523,7 +525,9 @@ def parse_model(
             raise InputError(f"--factory-args {factory_args!r}: not valid JSON ({exc.msg} at column {exc.colno}). "
                              'Example: --factory-args \'{"hidden": 256}\'.') from None
     if weights is not None and not Path(weights).is_file():
-        raise InputError(f"--weights {weights}: no such file.")
+        from .files import not_a_file
+
+        raise InputError(f"--weights {weights}: {not_a_file(weights)}.")
     path = Path(text)
     if hf:
         if not path.exists():

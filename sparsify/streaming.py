@@ -72,7 +72,9 @@ class CheckpointReader:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(f"--weights {self.path}: no such file.")
+            from .files import not_a_file
+
+            raise InputError(f"--weights {self.path}: {not_a_file(self.path)}.")
         self._file_of: dict[str, Path] = {}
         if self.path.name.endswith(".json"):
             doc = parse_json(read_regular(self.path.parent, self.path.name, max_bytes=64 * 2**20,
@@ -94,7 +96,11 @@ class CheckpointReader:
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for f in files:
             if not f.is_file():
-                raise InputError(f"--weights {self.path}: shard {f.name} is missing.")
+                from .files import not_a_file
+
+                why = not_a_file(f)
+                raise InputError(f"--weights {self.path}: shard {f.name} "
+                                 f"{'is missing' if why == 'no such file' else why}.")
             try:
                 with safe_open(str(f), framework="pt") as h:
                     names = list(h.keys())

@@ -202,6 +202,17 @@ def test_verify_does_not_trust_the_manifests_input_shape(tmp_path, capsys, artif
     expect_bad(capsys, None, "bench", art, "--repeat", "1", match="too large")
 
 
+def test_a_folder_or_fifo_given_as_a_file_is_said_as_such(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "f.toml"
+    os.mkfifo(fifo)  # reading it would block: refused by its type, before any open
+    out = tmp_path / "o"
+    for flag in ("--config", "--weights"):
+        expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, flag, tmp_path, match="is a folder, not a file")
+        expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, flag, fifo, match="is not a regular file")
+
+
 def test_batch_is_held_to_the_input_size_limit(capsys, artifact):
     expect_bad(capsys, None, "bench", artifact, "--input-shape", "2,128", "--batch", str(2**30), "--repeat", "1",
                match="--batch 1073741824: the input would be 1073741824,128")
