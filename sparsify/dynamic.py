@@ -9,17 +9,27 @@ among those not stored, so its density stays fixed:
   current batch has the largest L2 norm.  The dense gradient is never built
   whole: for a weight with input ``x`` and output gradient ``dy`` it is
   ``dy^T x``, computed a chunk of block rows at a time (at most
-  ``SCORE_BYTES``) and reduced to block norms at once.
+  ``SCORE_BYTES``) and reduced to block norms at once.  A weight called
+  several times before a backward (shared, called twice, several losses
+  summed) is scored on the sum over its calls, the gradient autograd
+  accumulates; under gradient accumulation (a backward per micro-batch) on the
+  last micro-batch's, so at most two micro-batches' operands are held.
 
 ``k = drop_fraction(t) * nnz`` with RigL's cosine decay
 ``drop_fraction / 2 * (1 + cos(pi * t / end_step))`` (or ``schedule="constant"``);
 no update after ``end_step`` (default: never stops).  Grown blocks start at
 zero, so an update does not change what the model computes; the optimizer's
-per-element state of the values (Adam's ``exp_avg`` / ``exp_avg_sq``, SGD's
-``momentum_buffer``, anything shaped like the values) follows the surviving
-blocks and is zero for the new ones, as is ``values.grad``.  Layouts change in
+state of the values whose first dimension is the block count (Adam's
+``exp_avg`` / ``exp_avg_sq``, SGD's ``momentum_buffer``, Adafactor's
+``row_var`` / ``col_var``) follows the surviving blocks and is zero for the new
+ones, as is ``values.grad``; scalars (``step``) stay, and other per-parameter
+state is refused before any layout changes.  The optimizer must be one that
+holds the block-sparse ``values`` (built after conversion).  Layouts change in
 place: the ``values`` parameters keep their identity and shape, so the
-optimizer, DDP and any references stay valid.
+optimizer, DDP and any references stay valid.  ``state_dict()`` /
+``load_state_dict()`` save and restore the settings and the position in the
+schedule (plain numbers, as torch's LR schedulers), so a run resumed from a
+checkpoint of model, optimizer and helper takes the same steps.
 
 Distributed training: rank 0 decides and broadcasts the new block masks to
 every rank (``torch.distributed.broadcast``), so all ranks adopt identical
@@ -38,6 +48,7 @@ Usage::
         loss_fn(model(x), y).backward()
         optimizer.step(); optimizer.zero_grad()
         rigl.step()          # after optimizer.step(): counts steps, updates layouts when due
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rigl": rigl.state_dict()}, path)
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import torch
 from torch import nn
 
 from .runtime import BlockSparseLayout
+from .runtime.executors.cpu_conv import dense_conv_weight
 
 __all__ = ["DynamicSparsity", "RigL", "SET", "sparse_weight_modules"]
 
@@ -117,36 +129,78 @@ def _grad_block_norms(dy: torch.Tensor, x: torch.Tensor, layout: BlockSparseLayo
     return out
 
 
-def _conv_grad_block_norms(module, x: torch.Tensor, dy: torch.Tensor, layout: BlockSparseLayout) -> torch.Tensor:
-    """Block norms of a block-sparse conv's dense weight gradient, a chunk of output block rows at a time."""
+def _conv_operands(module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """A block-sparse conv's recorded input and output gradient as its 2-D op sees them (batched, padded),
+    and the op's padding."""
     x4, pad = module._prepare(x.unsqueeze(0) if x.dim() == module._nd + 1 else x)
     dy4 = dy if dy.dim() == module._nd + 2 else dy.unsqueeze(0)
-    if module._nd == 1:
-        dy4 = dy4.unsqueeze(2)
-    stride = list(module.stride) if module._nd == 2 else [1, module.stride[0]]
-    dilation = list(module.dilation) if module._nd == 2 else [1, module.dilation[0]]
+    return x4, (dy4.unsqueeze(2) if module._nd == 1 else dy4), pad
+
+
+def _conv_geometry(module) -> tuple[list[int], list[int], tuple[int, int]]:
+    """``(stride, dilation, (kh, kw))`` of a block-sparse conv as its 2-D op takes them."""
+    if module._nd == 2:
+        return list(module.stride), list(module.dilation), tuple(module.kernel_size)
+    return [1, module.stride[0]], [1, module.dilation[0]], (1, module.kernel_size[0])
+
+
+def _conv_grad_block_norms(module, pairs: list[tuple[torch.Tensor, torch.Tensor]], pad: list[int],
+                           layout: BlockSparseLayout) -> torch.Tensor:
+    """Block norms of a block-sparse conv's dense weight gradient, summed over the calls ``pairs`` of
+    ``(x4, dy4)`` (``_conv_operands``), a chunk of output block rows at a time."""
+    stride, dilation, (kh, kw) = _conv_geometry(module)
     b = layout.block_size
     nbr, nbc = layout.n_block_rows, layout.n_block_cols
     cout, cin = layout.shape
-    kh, kw = module.kernel_size if module._nd == 2 else (1, module.kernel_size[0])
     out = torch.empty(nbr, nbc, dtype=torch.float64)
     chunk = max(1, SCORE_BYTES // max(1, b * nbc * b * kh * kw * 8))
-    x4, dy4 = x4.double(), dy4.double()
+    pairs = [(x4.double(), dy4.double()) for x4, dy4 in pairs]
     for r0 in range(0, nbr, chunk):
         r1 = min(nbr, r0 + chunk)
         hi = min(cout, r1 * b)
-        g = torch.nn.grad.conv2d_weight(x4, (hi - r0 * b, cin, kh, kw), dy4[:, r0 * b: hi], stride, pad, dilation)
+        g = sum(torch.nn.grad.conv2d_weight(x4, (hi - r0 * b, cin, kh, kw), dy4[:, r0 * b: hi], stride, pad,
+                                            dilation) for x4, dy4 in pairs)
         g = torch.nn.functional.pad(g, (0, 0, 0, 0, 0, nbc * b - cin, 0, r1 * b - hi))
         out[r0:r1] = g.view(r1 - r0, b, nbc, b, kh, kw).pow(2).sum(dim=(1, 3, 4, 5)).sqrt().cpu()
     return out
 
 
+def _inside_backward() -> bool:
+    """Whether autograd is running a backward pass now (activation checkpointing recomputes forwards there)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+def _latest(calls: list[dict], has_grad) -> list[dict]:
+    """The calls of the latest round in which ``has_grad(call)``."""
+    done = [c for c in calls if has_grad(c)]
+    last = max((c["round"] for c in done), default=None)
+    return [c for c in done if c["round"] == last]
+
+
+def _lstm_has_grad(call: dict) -> bool:
+    return any("dxproj" in r for r in call["cells"].values())
+
+
 class _Recorder:
-    """Captures, on update steps only, the operands of each sparse weight's dense gradient."""
+    """Captures, on update steps only, the operands of each sparse weight's dense gradient.
+
+    Every call of a weight is kept as its own ``(x, dy)`` pair, so a layer called
+    twice, a shared layer or several losses summed give the gradient autograd
+    accumulates, the sum of the calls' ``dy^T x``.  Calls come in rounds: a
+    forward (outside a backward) after a round that has received gradient starts
+    the next one and drops every round but the last that received gradient.  A
+    weight is scored on its latest round with gradient: under gradient accumulation
+    (forward and backward per micro-batch) the last micro-batch's.  So at most two
+    rounds of operands are held, whatever the number of micro-batches.
+    """
 
     def __init__(self, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
         self.active = False
-        self.data: dict[int, dict] = {}
+        self.round = 0
+        self._round_has_grad = False  # a Linear / conv call of the current round received its gradient
+        self.calls: dict[int, list[dict]] = {}  # id(module) -> [{"round", "x", "dy"}], one per call
+        self.lstm_calls: dict[int, list[dict]] = {}  # id(lstm) -> [{"round", "cells": {cell: record}}]
         self.handles = []
         owners = {}
         for _, mod in model.named_modules():
@@ -161,19 +215,37 @@ class _Recorder:
                 continue
             self.handles.append(mod.register_forward_hook(self._hook))
 
+    def _begin_call(self) -> int:
+        """The round of a forward call starting now."""
+        if not _inside_backward() and (self._round_has_grad or any(
+                _lstm_has_grad(c) for calls in self.lstm_calls.values() for c in calls if c["round"] == self.round)):
+            for key, calls in list(self.calls.items()):
+                self.calls[key] = _latest(calls, lambda c: "dy" in c)
+            for key, calls in list(self.lstm_calls.items()):
+                self.lstm_calls[key] = _latest(calls, _lstm_has_grad)
+            self.round += 1
+            self._round_has_grad = False
+        return self.round
+
     def _lstm_pre(self, module, args):
-        module._dynamic_record = {} if self.active else None
+        if not self.active:
+            module._dynamic_record = None
+            return
+        call = {"round": self._begin_call(), "cells": {}}
+        self.lstm_calls.setdefault(id(module), []).append(call)
+        module._dynamic_record = call["cells"]  # the LSTM's forward fills it per cell
 
     def _hook(self, module, args, output):
         if not self.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        rec = self.data.setdefault(id(module), {})
-        rec["x"] = args[0].detach()
-        if getattr(module, "activation", "none") != "none":
-            rec["post"] = output.detach()
+        call = {"round": self._begin_call(), "x": args[0].detach()}
+        self.calls.setdefault(id(module), []).append(call)
 
-        def save(g, rec=rec):
-            rec["dy"] = g.detach()
+        def save(g, call=call):
+            # a second backward through a retained graph accumulates, as .grad does
+            call["dy"] = g.detach() if "dy" not in call else call["dy"] + g.detach()
+            if call["round"] == self.round:
+                self._round_has_grad = True
 
         output.register_hook(save)
 
@@ -184,51 +256,94 @@ class _Recorder:
         ``values`` / ``bias``: the module's whole tensors where they are sharded (FSDP2)."""
         lay = module.layout
         for lstm in self.lstms:
-            rec = lstm._dynamic_record or {}
             for k, (ih, hh, _, _) in enumerate(lstm._cells()):
                 if module is ih or module is hh:
-                    r = rec.get(k)
-                    if r is None or "dxproj" not in r:
+                    calls = _latest(self.lstm_calls.get(id(lstm), []), lambda c, k=k: "dxproj" in c["cells"].get(k, {}))
+                    if not calls:
                         return None
-                    dy = r["dxproj"].reshape(-1, lay.shape[0])
+                    recs = [c["cells"][k] for c in calls]
+                    dy = torch.cat([r["dxproj"].reshape(-1, lay.shape[0]) for r in recs])
                     if module is ih:
-                        return _grad_block_norms(dy, r["x"], lay)
-                    h_prev = torch.cat([r["h0"].unsqueeze(0), r["hs"][:-1]], dim=0)
-                    return _grad_block_norms(dy, h_prev, lay)
-        rec = self.data.get(id(module))
-        if not rec or "dy" not in rec:
+                        x = torch.cat([r["x"].reshape(-1, lay.shape[1]) for r in recs])
+                    else:
+                        x = torch.cat([torch.cat([r["h0"].unsqueeze(0), r["hs"][:-1]], dim=0).reshape(-1, lay.shape[1])
+                                       for r in recs])
+                    return _grad_block_norms(dy, x, lay)
+        calls = _latest(self.calls.get(id(module), []), lambda c: "dy" in c)
+        if not calls:
             return None
-        dy = rec["dy"]
-        if hasattr(module, "_nd"):  # a block-sparse conv
-            return _conv_grad_block_norms(module, rec["x"], dy, lay)
         act = getattr(module, "activation", "none")
+        if hasattr(module, "_nd"):  # a block-sparse conv
+            ops = [_conv_operands(module, c["x"], c["dy"]) for c in calls]
+            pad = ops[0][2]
+            pairs = [(x4, dy4) for x4, dy4, _ in ops]
+            if act != "none":
+                pairs = [(x4, self._pre_activation_grad(module, x4, dy4, act, values, bias, pad)) for x4, dy4 in pairs]
+            return _conv_grad_block_norms(module, pairs, pad, lay)
+        rows, cols = lay.shape
+        xs = [c["x"].reshape(-1, cols) for c in calls]
+        dys = [c["dy"].reshape(-1, rows) for c in calls]
         if act != "none":
-            dy = self._pre_activation_grad(module, rec["x"], dy, act, values, bias)
-        return _grad_block_norms(dy, rec["x"], lay)
+            dys = [self._pre_activation_grad(module, x, dy, act, values, bias) for x, dy in zip(xs, dys)]
+        return _grad_block_norms(torch.cat(dys), torch.cat(xs), lay)
 
     @staticmethod
-    def _pre_activation_grad(module, x, dy, act, values=None, bias=None):
+    def _pre_activation_grad(module, x, dy, act, values=None, bias=None, pad=None):
+        """The gradient before the fused activation from the one after it: the pre-activation is recomputed
+        from ``x`` (one product; for a conv ``x``, ``dy`` and ``pad`` as ``_conv_operands`` gives them)."""
         from .runtime.executors.cpu import apply_epilogue
 
         values = module.values if values is None else values
         bias = module.bias if bias is None else bias
         with torch.no_grad():
-            pre = x @ module.layout.to_dense(values).T
-            if bias is not None:
-                pre = pre + bias
+            if hasattr(module, "_nd"):
+                lay = module.layout
+                v = values if module._nd == 2 else values.unsqueeze(3)
+                w = dense_conv_weight(v, module.row_indices, module.col_indices, lay.n_block_rows, lay.n_block_cols,
+                                      *lay.shape)
+                stride, dilation, _ = _conv_geometry(module)
+                pre = torch.nn.functional.conv2d(x, w.to(x.dtype), None, stride, pad, dilation)
+                if bias is not None:
+                    pre = pre + bias.view(-1, 1, 1)
+            else:
+                pre = x @ module.layout.to_dense(values).T
+                if bias is not None:
+                    pre = pre + bias
         with torch.enable_grad():
             p = pre.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(apply_epilogue(p.clone(), None, None, act), p, dy)
         return g
 
     def clear(self) -> None:
-        self.data.clear()
+        self.calls.clear()
+        self.lstm_calls.clear()
+        self.round = 0
+        self._round_has_grad = False
         for lstm in self.lstms:
             lstm._dynamic_record = None
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+#: What ``DynamicSparsity.state_dict()`` saves: the settings and the position in the schedule.
+_STATE_KEYS = ("mode", "update_every", "drop_fraction", "end_step", "schedule", "seed", "step_count", "updates")
+
+
+def _check_settings(where: str, mode, update_every, drop_fraction, end_step, schedule, seed) -> None:
+    if mode not in ("set", "rigl"):
+        raise ValueError(f"{where}: mode must be 'set' or 'rigl'. Got {mode!r}.")
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(f"{where}: update_every must be a positive int (optimizer steps). Got {update_every!r}.")
+    if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction < 1:
+        raise ValueError(f"{where}: drop_fraction must be in (0, 1). Got {drop_fraction!r}; RigL uses 0.3.")
+    if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1):
+        raise ValueError(f"{where}: end_step must be a positive int or None. Got {end_step!r}.")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"{where}: schedule must be 'cosine' or 'constant'. Got {schedule!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{where}: seed must be an int. Got {type(seed).__name__}.")
 
 
 class DynamicSparsity:
@@ -261,22 +376,24 @@ class DynamicSparsity:
         seed: int = 0,
     ) -> None:
         where = type(self).__name__
-        if mode not in ("set", "rigl"):
-            raise ValueError(f"{where}: mode must be 'set' or 'rigl'. Got {mode!r}.")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"{where}: update_every must be a positive int (optimizer steps). Got {update_every!r}.")
-        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction < 1:
-            raise ValueError(f"{where}: drop_fraction must be in (0, 1). Got {drop_fraction!r}; RigL uses 0.3.")
-        if end_step is not None and (isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1):
-            raise ValueError(f"{where}: end_step must be a positive int or None. Got {end_step!r}.")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"{where}: schedule must be 'cosine' or 'constant'. Got {schedule!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{where}: seed must be an int. Got {type(seed).__name__}.")
+        _check_settings(where, mode, update_every, drop_fraction, end_step, schedule, seed)
         self.targets = sparse_weight_modules(model)
         if not self.targets:
             raise ValueError(f"{where}: the model has no block-sparse weights (BlockSparseLinear, BlockSparseConv*, "
                              "BlockSparseLSTM); convert it with sparsify.sparsify(..., method='block_sparse') first.")
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                got = repr(optimizer) if isinstance(optimizer, str) else f"a {type(optimizer).__name__}"
+                raise TypeError(f"{where}: optimizer must be the torch.optim.Optimizer that trains the model (its "
+                                "per-block state moves with the blocks), or None to move no optimizer state. Got "
+                                f"{got}; build one first, e.g. torch.optim.Adam(model.parameters()).")
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(mod.values) in held for _, mod in self.targets):
+                raise ValueError(
+                    f"{where}: the optimizer holds none of the model's block-sparse values parameters, so they would "
+                    "never train and their optimizer state could not follow the blocks (an optimizer built on the "
+                    "model before sparsify.sparsify() holds the replaced dense weights). Build the optimizer from "
+                    "the converted model's parameters, e.g. torch.optim.Adam(model.parameters()).")
         self.model_ref = weakref.ref(model)
         self.optimizer = optimizer
         self.mode, self.update_every, self.drop_fraction = mode, update_every, float(drop_fraction)
@@ -304,6 +421,62 @@ class DynamicSparsity:
             self.recorder.clear()
             self.recorder.active = self._due(self.step_count + 1)
 
+    # ---------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        """The settings and the position in the schedule, plain Python numbers and strings (as torch's LR
+        schedulers keep); save it with the model's and the optimizer's state_dict, which hold the layouts and
+        the moved optimizer state.
+
+        Example:
+            >>> from sparsify.modules.sparse_weight import BlockSparseWeight
+            >>> from sparsify.patterns import random_layout
+            >>> s = SET(BlockSparseWeight(random_layout((32, 32), 8, 0.5, seed=0)), update_every=2)
+            >>> _ = s.step(), s.step(), s.step()
+            >>> {k: s.state_dict()[k] for k in ("step_count", "updates")}
+            {'step_count': 3, 'updates': 1}
+        """
+        return {key: getattr(self, key) for key in _STATE_KEYS}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from ``state_dict()``: with the model's and the optimizer's state loaded as well, the next
+        steps (when to update, the fraction, SET's draws, what RigL records) are those of the saved run.  The
+        saved settings replace the constructor's, as in torch's LR schedulers; the mode must match.
+
+        Example:
+            >>> from sparsify.modules.sparse_weight import BlockSparseWeight
+            >>> from sparsify.patterns import random_layout
+            >>> w = BlockSparseWeight(random_layout((32, 32), 8, 0.5, seed=0))
+            >>> saved = {**SET(w, update_every=2).state_dict(), "step_count": 5, "updates": 2}
+            >>> s = SET(w, update_every=2)
+            >>> s.load_state_dict(saved)
+            >>> s.step_count, s.fraction(6) > 0
+            (5, True)
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"{where}: expected the dict state_dict() returns. Got {type(state_dict).__name__}.")
+        missing = [k for k in _STATE_KEYS if k not in state_dict]
+        unknown = sorted(str(k) for k in state_dict if k not in _STATE_KEYS)
+        if missing or unknown:
+            raise ValueError(f"{where}: not a dynamic-sparsity state: missing {missing}, unknown {unknown}; "
+                             f"expected the keys {list(_STATE_KEYS)} that state_dict() saves.")
+        st = dict(state_dict)
+        if st["mode"] != self.mode:
+            raise ValueError(f"{where}: the state is of mode {st['mode']!r} and this helper's is {self.mode!r}; "
+                             f"resume with the class that saved it ({'RigL' if st['mode'] == 'rigl' else 'SET'}).")
+        _check_settings(where, st["mode"], st["update_every"], st["drop_fraction"], st["end_step"], st["schedule"],
+                        st["seed"])
+        for key in ("step_count", "updates"):
+            if isinstance(st[key], bool) or not isinstance(st[key], int) or st[key] < 0:
+                raise ValueError(f"{where}: {key} must be a non-negative int. Got {st[key]!r}.")
+        if st["updates"] > st["step_count"]:
+            raise ValueError(f"{where}: updates ({st['updates']}) exceeds step_count ({st['step_count']}); "
+                             "the state is not one state_dict() saved.")
+        self.update_every, self.drop_fraction = st["update_every"], float(st["drop_fraction"])
+        self.end_step, self.schedule, self.seed = st["end_step"], st["schedule"], st["seed"]
+        self.step_count, self.updates = st["step_count"], st["updates"]
+        self._arm()  # RigL records on the next step if that one updates
+
     # ---------------------------------------------------------------- step
     def step(self) -> bool:
         """Count one optimizer step; update the layouts when due.  Returns whether they changed."""
@@ -325,6 +498,8 @@ class DynamicSparsity:
     def _update(self, step: int) -> bool:
         rank, world = self._rank()
         frac = self.fraction(step)
+        for name, mod in self.targets:  # refuse state that cannot move before any layout changes
+            self._block_state(name, mod.values)
         changed = False
         for idx, (name, mod) in enumerate(self.targets):
             lay = mod.layout
@@ -341,7 +516,7 @@ class DynamicSparsity:
                 new_mask = flag.cpu().bool()
             if torch.equal(new_mask, lay.block_mask()):
                 continue
-            self._adopt(mod, lay, new_mask, values)
+            self._adopt(mod, name, lay, new_mask, values)
             changed = True
         return changed
 
@@ -370,7 +545,29 @@ class DynamicSparsity:
         mask.view(-1)[grow] = True
         return mask
 
-    def _adopt(self, mod, old: BlockSparseLayout, mask: torch.Tensor, whole: torch.Tensor) -> None:
+    def _block_state(self, name: str, values: nn.Parameter) -> list[torch.Tensor]:
+        """The optimizer state tensors of ``values`` that move with its blocks: those whose leading dimension is
+        the block count (per element like Adam's moments, per block row / column like Adafactor's factors)."""
+        if self.optimizer is None:
+            return []
+        nnz = values.shape[0]
+        out = []
+        for key, t in self.optimizer.state.get(values, {}).items():
+            if not isinstance(t, torch.Tensor) or t.dim() == 0:
+                continue  # a scalar such as Adam's step: nothing per block
+            if t.shape[0] == nnz:
+                out.append(t)
+            elif t.numel() != 1:
+                raise RuntimeError(
+                    f"{type(self).__name__}: cannot move the optimizer state {key!r} of "
+                    f"{name + '.values' if name else 'values'} (shape {tuple(t.shape)}) with the blocks: only state "
+                    f"whose first dimension is the block count {nnz} (values {tuple(values.shape)}) maps to blocks, "
+                    "and keeping it in place would pair it with other blocks. Use an optimizer with per-element or "
+                    "per-block state (SGD, Adam, AdamW, Adafactor, ...) for the block-sparse values, or keep the "
+                    "layouts fixed.")
+        return out
+
+    def _adopt(self, mod, name: str, old: BlockSparseLayout, mask: torch.Tensor, whole: torch.Tensor) -> None:
         new = BlockSparseLayout.from_block_mask(mask, shape=old.shape, block_size=old.block_size)
         device = mod.values.device
         where_old = torch.full(mask.shape, -1, dtype=torch.long)
@@ -386,10 +583,8 @@ class DynamicSparsity:
 
         values = mod.values
         new_values = permuted(whole.detach())
-        state = self.optimizer.state.get(values, {}) if self.optimizer is not None else {}
-        for t in list(state.values()):
-            if isinstance(t, torch.Tensor) and t.shape == values.shape:
-                _write_(t, permuted(_gathered(t)))
+        for t in self._block_state(name, values):
+            _write_(t, permuted(_gathered(t)))
         if values.grad is not None:
             _write_(values.grad, permuted(_gathered(values.grad)))
         if _is_dtensor(values):  # FSDP2: same block count, so this rank's shard is overwritten in place
