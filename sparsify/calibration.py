@@ -39,6 +39,7 @@ so identity statistics reproduce the weight-only results exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -161,6 +162,10 @@ class CalibrationData:
         return f"{count} (inputs of shapes {', '.join(map(str, shapes))} in the first)"
 
 
+#: The most batches read from a one-shot iterator (a generator): calibration sets are hundreds.
+MAX_ITERATOR_BATCHES = 10_000
+
+
 def as_batches(data: Any, where: str = "calibration_data") -> CalibrationData:
     """Check ``data`` (see the module docstring) and return it as :class:`CalibrationData`.
 
@@ -185,8 +190,12 @@ def as_batches(data: Any, where: str = "calibration_data") -> CalibrationData:
         data = list(data)  # a tuple of tensors: one tensor per batch (say so in the docs)
     elif not isinstance(data, Iterable):
         raise ValueError(f"{where}: expected an iterable of batches; got {type(data).__name__}.")
-    elif iter(data) is data:  # a generator / iterator: read it once
-        data = list(data)
+    elif iter(data) is data:  # a generator / iterator: read it once (an endless one is refused, not waited on)
+        data = list(itertools.islice(data, MAX_ITERATOR_BATCHES + 1))
+        if len(data) > MAX_ITERATOR_BATCHES:
+            raise ValueError(f"{where}: the iterator gave more than {MAX_ITERATOR_BATCHES} batches (an endless "
+                             "generator?); calibration reads all of it. Give a list, or a slice: "
+                             "itertools.islice(data, N).")
     try:
         n = len(data)
     except TypeError:

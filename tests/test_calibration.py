@@ -609,3 +609,19 @@ def test_functional_weights_and_graph_mode(graph):
     y = model(x)
     assert rel_err(conv(x), y) < rel_err(plain(x), y)
     assert {d.name for d in conv._sparsify_plan.decisions if "output_error" in d.result} == {"w", "lin"}
+
+
+def test_an_endless_generator_as_calibration_data_is_refused_not_waited_on(monkeypatch):
+    # calibration reads a one-shot iterator whole: an endless one would hang, growing without bound
+    monkeypatch.setattr(cal, "MAX_ITERATOR_BATCHES", 50)
+    drawn = []
+
+    def endless():
+        while True:
+            drawn.append(1)
+            yield torch.randn(2, 8)
+
+    with pytest.raises(ValueError, match="more than 50 batches"):
+        cal.as_batches(endless())
+    assert len(drawn) == 51
+    assert len(cal.as_batches(iter([torch.randn(2, 8)] * 50))) == 50  # up to the limit: read whole
