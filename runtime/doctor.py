@@ -26,11 +26,31 @@ def _line(label: str, value: str) -> None:
     print(f"{label:<18} {value}")
 
 
+def _cache_state(cache_root, cache_disabled) -> str:
+    """The kernel cache's folder and whether it is used (a cache not private to this user is not)."""
+    from .cuda.cache import CacheUnsafe, private_dir
+
+    if cache_disabled():
+        try:
+            return f"{cache_root()} (disabled by SPARSIFY_DISABLE_CACHE)"
+        except CacheUnsafe as exc:
+            return f"(disabled by SPARSIFY_DISABLE_CACHE; {exc})"
+    try:
+        root = cache_root()
+        try:
+            private_dir(root, root, create=False)
+        except FileNotFoundError:
+            return f"{root} (not created yet)"
+        return f"{root} (private: used)"
+    except CacheUnsafe as exc:
+        return f"NOT USED: {exc}; kernels are compiled in each process (chmod 700 it, or set SPARSIFY_CACHE_DIR)"
+
+
 def _environment() -> bool:
     """Print what is found; False when kernels cannot be compiled here."""
     from .cuda import compiler
     from .cuda.autotune import autotune_enabled
-    from .cuda.cache import cache_disabled, cache_root
+    from .cuda.cache import cache_disabled, cache_root  # noqa: F401  (passed to _cache_state)
 
     ok = True
     try:
@@ -48,7 +68,7 @@ def _environment() -> bool:
     except Exception as exc:
         _line("headers", f"MISSING: {exc}")
         ok = False
-    _line("cache", f"{cache_root()}{' (disabled by SPARSIFY_DISABLE_CACHE)' if cache_disabled() else ''}")
+    _line("cache", _cache_state(cache_root, cache_disabled))
     _line("autotune", "on" if autotune_enabled() else "off (SPARSIFY_AUTOTUNE=0): heuristic choices")
     try:
         import torch

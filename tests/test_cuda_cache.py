@@ -7,6 +7,9 @@ Properties:
 * concurrent compiles of the same kernel (threads and processes) all succeed
   and leave one valid entry;
 * SPARSIFY_DISABLE_CACHE / SPARSIFY_CACHE_DIR are honoured;
+* an entry is code: only a cache private to this user is read (folders made 0700; a folder
+  or entry that is a link, a FIFO, another user's, or writable by others is not used, with
+  one warning), and an entry for another request is never loaded;
 * the autotuner remembers a choice across instances and skips timing when
   SPARSIFY_AUTOTUNE=0;
 * the executor passes exactly the kernel's parameter list, with explicit types;
@@ -137,6 +140,79 @@ def test_environment_moves_and_disables_the_cache(tmp_path, monkeypatch):
     c = cache.DiskCache(tmp_path / "off")
     c.put("k", b"data")
     assert c.get("k") is None and not (tmp_path / "off").exists()
+
+
+def test_the_cache_is_created_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path / "c"))
+    c = cache.DiskCache()
+    c.put("k", b"cubin")
+    for d in (tmp_path / "c", tmp_path / "c" / "kernels"):
+        assert (d.stat().st_mode & 0o777) == 0o700
+    assert (c.path("k").stat().st_mode & 0o077) == 0
+    assert c.get("k") == b"cubin"
+
+
+@pytest.mark.parametrize("attack", ["folder_writable", "entry_writable", "entry_link", "entry_fifo", "folder_link",
+                                    "other_owner", "parent_writable"])
+def test_a_cache_others_can_write_is_not_used(tmp_path, attack):
+    # A checksum stored beside an entry proves nothing about who wrote it: whoever can write the
+    # folder can plant a valid one.  Such a cache is not read (one warning), and nothing blocks.
+    top = tmp_path / "top"
+    top.mkdir(mode=0o700)
+    c = cache.DiskCache(top / "kernels")
+    c.put("k", b"ours")
+    entry = c.path("k")
+    if attack == "folder_writable":
+        os.chmod(c.root, 0o777)
+    elif attack == "entry_writable":
+        os.chmod(entry, 0o666)
+    elif attack == "entry_link":
+        planted = tmp_path / "planted.bin"
+        shutil.copy(entry, planted)
+        entry.unlink()
+        entry.symlink_to(planted)
+    elif attack == "entry_fifo":
+        entry.unlink()
+        os.mkfifo(entry)  # reading it would block forever
+    elif attack == "folder_link":
+        shutil.move(str(c.root), str(tmp_path / "elsewhere"))
+        c.root.symlink_to(tmp_path / "elsewhere")
+    elif attack == "other_owner":
+        if os.geteuid() != 0:
+            pytest.skip("chown to another user needs root")
+        os.chown(entry, 65534, 65534)
+    elif attack == "parent_writable":
+        c = cache.DiskCache(top)  # the user's own root: its parent is checked
+        c.put("k", b"ours")
+        os.chmod(tmp_path, 0o777)
+    with pytest.warns(RuntimeWarning, match="not using the kernel cache"):
+        assert c.get("k") is None
+    os.chmod(tmp_path, 0o700)
+
+
+@needs_nvrtc
+def test_an_entry_for_another_request_is_never_loaded(tmp_path, headers):
+    c = cache.DiskCache(tmp_path / "cache")
+    ours = compiler.compile_source("probe", SMALL_SOURCE, "sm_80", cache=c, dirs=(str(headers),))
+    other = compiler.compile_source("probe", SMALL_SOURCE, "sm_90", cache=c, dirs=(str(headers),))
+    # the sm_90 entry, with its valid checksum, put where the sm_80 one is looked up
+    shutil.copy(c.path(other.key), c.path(ours.key))
+    compiler.clear_memo()
+    again = compiler.compile_source("probe", SMALL_SOURCE, "sm_80", cache=c, dirs=(str(headers),))
+    assert again.arch == "sm_80" and again.key == ours.key and again.binary == ours.binary
+
+
+def test_cache_locations_from_the_environment_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPARSIFY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rule: a relative value is ignored
+    assert cache.cache_root() == Path.home() / ".cache" / "sparsify"
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", "~no_such_user_sparsify/x")
+    with pytest.raises(cache.CacheUnsafe, match="SPARSIFY_CACHE_DIR"):
+        cache.cache_root()
+    c = cache.DiskCache()
+    with pytest.warns(RuntimeWarning, match="not using the kernel cache"):
+        c.put("k", b"x")
+    assert c.get("k") is None  # (warned once: the same reason is not repeated)
 
 
 @needs_nvrtc
@@ -378,3 +454,29 @@ def test_import_never_needs_cuda_python(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_emulator_builds_elsewhere_when_the_cache_is_not_private(tmp_path, monkeypatch):
+    # its libraries are loaded with ctypes: a planted one must never be, so a shared cache is not used
+    from sparsify.runtime.emulator import builder
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(shared))
+    monkeypatch.setattr(builder, "_PRIVATE_FALLBACK", [])
+    with pytest.warns(RuntimeWarning, match="not using the kernel cache"):
+        d = builder.cache_dir()
+    assert shared not in d.parents and (d.stat().st_mode & 0o777) == 0o700
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path / "private"))
+    assert builder.cache_dir() == tmp_path / "private" / "emulator"
+    assert ((tmp_path / "private" / "emulator").stat().st_mode & 0o777) == 0o700
+    # a library whose file is writable by others is not a valid build, whatever its record says
+    lib, rec = tmp_path / "private" / "emulator" / "x.so", tmp_path / "private" / "emulator" / "x.json"
+    lib.write_bytes(b"\x7fELF")
+    import hashlib
+
+    rec.write_text(json.dumps({"sha256": hashlib.sha256(b"\x7fELF").hexdigest()}))
+    assert builder._valid(lib, rec)
+    os.chmod(lib, 0o666)
+    assert not builder._valid(lib, rec)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import atomic_write, cache_disabled, cache_root
+from .cache import atomic_write, cache_disabled, cache_root, read_private
 
 __all__ = ["Autotuner", "autotune_enabled", "m_bucket"]
 
@@ -77,7 +77,7 @@ class Autotuner:
         choices: dict[str, str] = {}
         if not cache_disabled():
             try:
-                data = json.loads(self.path.read_text())
+                data = json.loads(read_private(self.path, 16 << 20))  # ours only; never a FIFO or link
                 if data.get("format") == FORMAT and data.get("device") == self.device_name:
                     choices = {str(k): str(v) for k, v in data.get("choices", {}).items()}
             except FileNotFoundError:
@@ -91,13 +91,14 @@ class Autotuner:
         if cache_disabled():
             return
         try:  # merge with choices another process may have written meanwhile
-            on_disk = json.loads(self.path.read_text()).get("choices", {})
+            on_disk = json.loads(read_private(self.path, 16 << 20)).get("choices", {})
         except (OSError, ValueError, AttributeError):
             on_disk = {}
         merged = {**on_disk, **(self._choices or {})}
         blob = {"format": FORMAT, "device": self.device_name, "choices": dict(sorted(merged.items()))}
         try:
-            atomic_write(self.path, json.dumps(blob, indent=1).encode())
+            atomic_write(self.path, json.dumps(blob, indent=1).encode(),
+                         root=None if self._path is not None else cache_root())
         except OSError as exc:
             warnings.warn(f"sparsify: cannot save autotuning choices to {self.path}: {exc}", RuntimeWarning, stacklevel=3)
 

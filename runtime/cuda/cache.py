@@ -13,6 +13,16 @@ file in the same directory and land with ``os.replace``, so two processes
 compiling the same kernel at once both succeed and readers never see half a
 file.
 
+An entry is code (a cubin, PTX, or the emulator's shared library), and a
+checksum kept beside it proves nothing about who wrote it.  So the cache is
+private: its folders are created mode 0700, and a folder or entry is used only
+if it is a real folder / regular file (no link, FIFO or device) owned by this
+user and writable by nobody else, under a root whose parent others cannot
+write (or that has the sticky bit, as ``/tmp``).  A cache that fails this is
+not used at all (one warning says why and what to do; kernels are then
+compiled in each process).  ``XDG_CACHE_HOME`` counts only if absolute (the
+XDG rule).
+
 Example:
     >>> import tempfile
     >>> cache = DiskCache(tempfile.mkdtemp())
@@ -24,22 +34,35 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["DiskCache", "atomic_write", "cache_disabled", "cache_root"]
+__all__ = ["DiskCache", "atomic_write", "cache_disabled", "cache_root", "private_dir", "read_private",
+           "CacheUnsafe"]
 
 MAGIC = b"SPARSIFY-KERNEL-1\n"
+#: The largest cache entry read (a cubin of every kernel is a few MiB).
+MAX_ENTRY_BYTES = 512 << 20
+_WARNED: set[str] = set()
+
+
+class CacheUnsafe(OSError):
+    """The cache (or an entry) is not private to this user: it is not used."""
 
 
 def cache_root() -> Path:
-    """The cache root directory (not created)."""
+    """The cache root directory (not created).  Raises :class:`CacheUnsafe` for a
+    ``SPARSIFY_CACHE_DIR`` that cannot be expanded (``~nosuchuser/x``)."""
     env = os.environ.get("SPARSIFY_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    try:
+        if env:
+            return Path(env).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+    except RuntimeError as exc:  # expanduser / home of an unknown user
+        raise CacheUnsafe(f"SPARSIFY_CACHE_DIR={env!r}: {str(exc).rstrip('.')}") from None
     return base / "sparsify"
 
 
@@ -47,9 +70,99 @@ def cache_disabled() -> bool:
     return os.environ.get("SPARSIFY_DISABLE_CACHE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _not_private(st: os.stat_result, what: str, path: Path) -> str | None:
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    if uid is not None and st.st_uid != uid:
+        return f"{what} {path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def private_dir(path: Path, root: Path, *, create: bool = True) -> None:
+    """Make (mode 0700) and check the folders from ``root`` down to ``path``: each a real folder, ours,
+    writable by nobody else, and ``root``'s parent not writable by others unless sticky.  Raises
+    :class:`CacheUnsafe` saying why not; FileNotFoundError when ``create=False`` and one is missing."""
+    path, root = Path(path), Path(root)
+    rel = path.relative_to(root)
+    try:
+        pst = os.stat(root.parent)
+    except FileNotFoundError:
+        if not create:
+            raise
+        root.parent.mkdir(parents=True, exist_ok=True)
+        pst = os.stat(root.parent)
+    if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
+        raise CacheUnsafe(f"the cache's parent folder {root.parent} is writable by everyone (without the sticky bit)")
+    d = root
+    for part in ("", *rel.parts):
+        d = d / part if part else d
+        if create:
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise CacheUnsafe(f"cache folder {d} is not a folder (a link or a file)")
+        why = _not_private(st, "cache folder", d)
+        if why:
+            raise CacheUnsafe(why)
+
+
+def read_private(path: Path, max_bytes: int = MAX_ENTRY_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file (no link followed), ours, writable by nobody else and
+    at most ``max_bytes``; FileNotFoundError if missing, :class:`CacheUnsafe` saying why not otherwise.
+    Opened non-blocking, so a FIFO never hangs the read."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CacheUnsafe(f"cache entry {path} cannot be opened as a file ({exc.strerror}; a link?)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CacheUnsafe(f"cache entry {path} is not a regular file")
+        why = _not_private(st, "cache entry", path)
+        if why:
+            raise CacheUnsafe(why)
+        if st.st_size > max_bytes:
+            raise CacheUnsafe(f"cache entry {path} is {st.st_size} bytes, more than {max_bytes}")
+        chunks, left = [], st.st_size + 1
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        data = b"".join(chunks)
+        if len(data) > st.st_size:
+            raise CacheUnsafe(f"cache entry {path} grew while it was read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def warn_unsafe(exc: Exception, root: Path | str) -> None:
+    """One warning per cache root that is not used, saying why and what to do."""
+    key = f"{root}:{exc}"
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(f"sparsify: not using the kernel cache ({exc}): an entry there is code, so only a cache "
+                  "private to this user is trusted. Kernels are compiled in each process; fix the ownership / "
+                  "mode (chmod 700), or set SPARSIFY_CACHE_DIR to a private folder.", RuntimeWarning, stacklevel=3)
+
+
+def atomic_write(path: Path, data: bytes, root: Path | None = None) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``
+    (the folders from ``root`` down made private first: :func:`private_dir`)."""
+    if root is not None:
+        private_dir(path.parent, root)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -76,6 +189,11 @@ class DiskCache:
         return self._root if self._root is not None else cache_root() / "kernels"
 
     @property
+    def _top(self) -> Path:
+        """The folder privacy is checked from: the user's root, or the cache root for the default."""
+        return self._root if self._root is not None else cache_root()
+
+    @property
     def enabled(self) -> bool:
         return not cache_disabled()
 
@@ -86,10 +204,15 @@ class DiskCache:
         """The payload stored under ``key``, or None (missing, unreadable, corrupt, or disabled)."""
         if not self.enabled:
             return None
-        path = self.path(key)
         try:
-            data = path.read_bytes()
+            root = self.root
+            path = self.path(key)
+            private_dir(root, self._top, create=False)
+            data = read_private(path)
         except FileNotFoundError:
+            return None
+        except CacheUnsafe as exc:
+            warn_unsafe(exc, self._root or "")
             return None
         except OSError as exc:
             warnings.warn(f"sparsify: cannot read kernel cache entry {path}: {exc}; recompiling.", RuntimeWarning, stacklevel=2)
@@ -118,7 +241,9 @@ class DiskCache:
             return
         blob = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
         try:
-            atomic_write(self.path(key), blob)
+            atomic_write(self.path(key), blob, root=self._top)
+        except CacheUnsafe as exc:  # (cache_root() raises it too, for a SPARSIFY_CACHE_DIR it cannot expand)
+            warn_unsafe(exc, self._root or "")
         except OSError as exc:
             warnings.warn(
                 f"sparsify: cannot write the kernel cache under {self.root}: {exc}. Kernels will be "

@@ -338,8 +338,10 @@ def compile_source(name: str, source: str, arch: str, target: str = "cubin", *,
     if blob is not None:
         try:
             prog = CompiledProgram.from_bytes(blob)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             prog = None  # a valid checksum over an old format: recompile
+        if prog is not None and (prog.key, prog.arch, prog.target) != (key, arch, target):
+            prog = None  # an entry for another request under this name: never load it
     if prog is None:
         prog = _nvrtc_compile(name, source, arch, target, options, dirs, key)
         cache.put(key, prog.to_bytes())

@@ -145,10 +145,28 @@ def _file_hashes(names: tuple[str, ...]) -> list[str]:
     return [hashlib.sha256((CSRC / n).read_bytes()).hexdigest() for n in names]
 
 
-def cache_dir() -> Path:
-    from ..cuda.cache import cache_root
+_PRIVATE_FALLBACK: list[Path] = []
 
-    return cache_root() / "emulator"
+
+def cache_dir() -> Path:
+    """``<cache root>/emulator``, made private (its libraries are code that ``ctypes`` loads: see
+    ``runtime.cuda.cache``).  A cache that is not private to this user is not used: the builds go to a
+    fresh private folder of this process instead (one warning)."""
+    from ..cuda.cache import CacheUnsafe, cache_root, private_dir, warn_unsafe
+
+    try:
+        top = cache_root()
+        private_dir(top / "emulator", top)
+        return top / "emulator"
+    except CacheUnsafe as exc:
+        warn_unsafe(exc, "emulator")
+        if not _PRIVATE_FALLBACK:
+            import atexit
+
+            d = Path(tempfile.mkdtemp(prefix="sparsify-emulator-"))  # mode 0700
+            atexit.register(shutil.rmtree, d, True)
+            _PRIVATE_FALLBACK.append(d)
+        return _PRIVATE_FALLBACK[0]
 
 
 def _run(cmd: list[str], cwd: Path, name: str, step: str, source: str) -> str:
@@ -177,9 +195,13 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _valid(lib: Path, record: Path) -> bool:
+    """Whether ``lib`` is a finished build: both files regular, ours, writable by nobody else (the folder
+    is private too: ``cache_dir``), and the library's sha256 the one its record holds."""
+    from ..cuda.cache import read_private
+
     try:
-        meta = json.loads(record.read_text())
-        return hashlib.sha256(lib.read_bytes()).hexdigest() == meta.get("sha256")
+        meta = json.loads(read_private(record, 1 << 20))
+        return hashlib.sha256(read_private(lib)).hexdigest() == meta.get("sha256")
     except (OSError, ValueError, AttributeError):
         return False
 
