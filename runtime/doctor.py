@@ -163,6 +163,13 @@ def main(argv: list[str] | None = None, prog: str = "sparsify doctor") -> int:
         if not ok:
             print("\ncannot compile: NVRTC or the headers are missing (pip install 'sparsify[cuda]').")
             return 1
+        from .cuda import compiler
+
+        known = [f"sm_{a}" for a in compiler.supported_archs()]
+        bad = [a for a in (args.arch or []) if a not in known]
+        if bad:
+            print(f"doctor: --arch {bad[0]!r}: this NVRTC compiles for {', '.join(known)}.", file=sys.stderr)
+            return 2
         ok = _compile_all(args.arch or ["sm_80", "sm_90"], max(1, args.jobs))
     return 0 if ok else 1
 

@@ -92,6 +92,9 @@ def sparsify(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: expected an nn.Module. Got {type(model).__name__}.")
+    from .runtime.environment import check_environment
+
+    check_environment()  # a bad SPARSIFY_* (or torchrun) variable is named before any work
     cfg = SparsifyConfig.coerce(config, shorthand)  # raises before anything is touched
     if not isinstance(graph, bool) or not (check is None or isinstance(check, bool)):
         raise ValueError("sparsify(graph=..., check=...): expected True or False.")

@@ -273,27 +273,32 @@ def _report_from_manifest(manifest: dict):
 # -------------------------------------------------------------------- commands
 def cmd_inspect(args) -> int:
     from .io import read_manifest
+    from .report import printable
 
     spec = _spec_from_args(args)
     if spec.kind == "artifact":
         m = read_manifest(spec.target)
         model = m.get("model") or {}
-        print(f"sparsify artifact {spec.target} (format {m['format_version']}, sparsify {m.get('sparsify_version')}, "
-              f"torch {m.get('torch_version')}, {m.get('created')})")
-        print(f"converted from: {model.get('target', 'unknown (saved from Python)')}")
+        # The manifest may be someone else's: every line goes through printable(), so no terminal
+        # escape (cursor moves, window titles, hyperlinks, hidden text) reaches the terminal.
+        lines = [f"sparsify artifact {spec.target} (format {m['format_version']}, sparsify {m.get('sparsify_version')}, "
+                 f"torch {m.get('torch_version')}, {m.get('created')})",
+                 f"converted from: {model.get('target', 'unknown (saved from Python)')}"]
         if m.get("hf"):
-            print(f"Hugging Face class: {m['hf']['class']} (load() rebuilds it from the recorded config)")
+            lines.append(f"Hugging Face class: {m['hf']['class']} (load() rebuilds it from the recorded config)")
         ins = m.get("inputs") or []
-        print(f"inputs: {', '.join('None' if i is None else str(i['shape']) + ':' + str(i.get('dtype', 'float32')) for i in ins) or 'none recorded'}")
+        lines.append(f"inputs: {', '.join('None' if i is None else str(i['shape']) + ':' + str(i.get('dtype', 'float32')) for i in ins) or 'none recorded'}")
         if m.get("program"):
-            print("stored program: yes (loads without the source)")
+            lines.append("stored program: yes (loads without the source)")
         elif m["format_version"] < 2 and m.get("exported"):
-            print("stored program: format 1, no longer loaded (load from the factory and save again)")
+            lines.append("stored program: format 1, no longer loaded (load from the factory and save again)")
         else:
-            print(f"stored program: no: {m.get('program_note') or m.get('exported_note')}")
-        print(f"weights: {m['weights']['bytes']} bytes, sha256 {m['weights']['sha256'][:16]}...")
+            lines.append(f"stored program: no: {m.get('program_note') or m.get('exported_note')}")
+        lines.append(f"weights: {m['weights']['bytes']} bytes, sha256 {m['weights']['sha256'][:16]}...")
+        for line in lines:
+            print(printable(line))
         print()
-        print(_report_from_manifest(m))
+        print(_report_from_manifest(m))  # Report.__str__ prints every cell and note through printable()
         return EXIT_OK
     config = _config_from_args(args)
     model = _build(spec)
@@ -304,9 +309,10 @@ def cmd_inspect(args) -> int:
     plan = _planned(model, config, inputs)
     rows = [["layer", "kind", "weight", "input", "params", "FLOPs", "would do", "setting", "reason"]]
     for d in plan.decisions:
-        rows.append([d.name, d.layer_type, "x".join(map(str, d.weight_shape)),
-                     "x".join(map(str, d.input_shape)) if d.input_shape else "-", _count(d.params_before),
-                     _count(d.flops_before), d.method, _setting(d.method, d.params), d.reason])
+        rows.append([printable(c) for c in (
+            d.name, d.layer_type, "x".join(map(str, d.weight_shape)),
+            "x".join(map(str, d.input_shape)) if d.input_shape else "-", _count(d.params_before),
+            _count(d.flops_before), d.method, _setting(d.method, d.params), d.reason)])
     total_p = sum(p.numel() for p in model.parameters())
     print(f"{spec.describe()}: {type(model).__name__}, {_count(total_p)} parameters, inputs {_describe_inputs(specs)}")
     if len(rows) == 1:
@@ -397,10 +403,8 @@ def cmd_convert(args) -> int:
     inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else []) + \
         ([Path(args.calibration)] if args.calibration else [])
     out = check_output_path(args.output, inputs_paths, force=args.force)
-    if args.report:
-        check_report_path(args.report, inputs_paths + [out], force=args.force)
-        if Path(args.report).resolve() == out.resolve() or out.resolve() in Path(args.report).resolve().parents:
-            raise InputError(f"--report {args.report} would be inside OUT {out}; choose another path.")
+    if args.report:  # also refuses a report, or its pictures folder, at or inside OUT (and OUT inside it)
+        check_report_path(args.report, inputs_paths + [out], force=args.force, output=out)
     model = _build(spec)
     # The artifact never needs more than the dense weights (+ index); refuse a disk that cannot hold them
     # now, not after the conversion work.
@@ -474,11 +478,8 @@ def _convert_streaming(args, spec, config) -> int:
               file=sys.stderr)
     first = not distributed or int(os.environ.get("RANK", "0")) == 0
     inputs_paths = spec.input_paths() + ([Path(args.config)] if args.config else [])
-    if args.report and first:
-        check_report_path(args.report, inputs_paths + [Path(args.output)], force=args.force)
-        out_abs = Path(args.output).resolve()
-        if Path(args.report).resolve() == out_abs or out_abs in Path(args.report).resolve().parents:
-            raise InputError(f"--report {args.report} would be inside OUT {args.output}; choose another path.")
+    if args.report and first:  # as in cmd_convert: the report and its pictures stay out of OUT
+        check_report_path(args.report, inputs_paths + [Path(args.output)], force=args.force, output=args.output)
     skeleton = spec.build_skeleton()
     specs = _input_specs(args, spec)
     inputs = _make_inputs(specs, spec, args.seed) if specs else None
@@ -883,6 +884,9 @@ def main(argv: list[str] | None = None) -> int:
             if not debug:
                 warnings.showwarning = _show_warning
             try:
+                from .runtime.environment import check_environment
+
+                check_environment()
                 doctor_args = _doctor_argv(argv)
                 if doctor_args is not None:
                     return cmd_doctor(argparse.Namespace(doctor_args=doctor_args))

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -341,3 +342,32 @@ def test_the_bsmm_benchmark_never_overwrites_a_file(tmp_path, capsys):
         assert exc.value.code == 2
     assert mine.read_text() == '{"mine": true}'
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("SPARSIFY_CPU_PATH", "bogus", "SPARSIFY_CPU_PATH='bogus': expected one of dense, bsr, gather"),
+    ("SPARSIFY_DISABLE_CACHE", "2", "SPARSIFY_DISABLE_CACHE='2': expected 1 or 0"),
+    ("SPARSIFY_AUTOTUNE", "O", "SPARSIFY_AUTOTUNE='O': expected 1 or 0"),
+    ("SPARSIFY_EMULATE_CUDA", "y", "SPARSIFY_EMULATE_CUDA='y': expected 1 or 0"),
+    ("SPARSIFY_DIST_TIMEOUT", "soon", "SPARSIFY_DIST_TIMEOUT='soon': expected a number of seconds > 0"),
+    ("SPARSIFY_DIST_TIMEOUT", "nan", "SPARSIFY_DIST_TIMEOUT='nan'"),
+    ("WORLD_SIZE", "two", "WORLD_SIZE='two': expected an integer >= 1"),
+    ("RANK", "-1", "RANK='-1': expected an integer >= 0"),
+])
+def test_a_bad_environment_variable_is_named_before_any_work(tmp_path, capsys, monkeypatch, name, value, match):
+    # each was ignored silently, failed after the conversion as "an internal error in layer '0'", or
+    # crashed with an anonymous int() / float() error
+    import sparsify
+
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "o"
+    expect_bad(capsys, out, "convert", f"{ZOO}:mlp", "-o", out, match=match)
+    with pytest.raises(ValueError, match=match.split(":")[0]):
+        sparsify.sparsify(torch.nn.Linear(4, 4))
+
+
+def test_doctor_refuses_an_arch_nvrtc_does_not_compile_for(capsys):
+    pytest.importorskip("cuda.bindings")
+    rc = main(["doctor", "--compile-all", "--arch", "sm_81"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--arch 'sm_81'" in err and "FAILED" not in err
