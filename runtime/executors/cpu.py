@@ -33,6 +33,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..layout import gather_blocks, scatter_blocks
 
@@ -229,6 +230,31 @@ def dw_path(rows: int, density: float) -> str:
 
 
 # ------------------------------------------------- forms derived from weights
+_STEPS = [0]
+
+
+def _optimizer_stepped(*_args, **_kwargs) -> None:
+    _STEPS[0] += 1
+
+
+# A fused optimizer (AdamW(fused=True), HF Trainer's default) writes parameters in place without
+# bumping their version counters, so (version, data_ptr) cannot see its steps: every optimizer
+# step, of any optimizer, is counted here and is part of every cache key.
+register_optimizer_step_post_hook(_optimizer_stepped)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps (any optimizer) this process has taken: part of every cache key of a form
+    derived from weights, since fused optimizers update parameters without bumping their versions.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2)); before = optimizer_steps()
+        >>> p.grad = torch.ones(2); torch.optim.SGD([p], lr=0.1).step(); optimizer_steps() - before
+        1
+    """
+    return _STEPS[0]
+
+
 def fsdp2_in_use() -> bool:
     """Whether FSDP2 (``fully_shard``) manages modules in this process: then no weight form is cached.
 
@@ -263,8 +289,10 @@ def _cached(values: torch.Tensor, meta, what: str, shape, build):
     """``build()``, cached on ``values`` under ``what`` until ``values`` or the layout changes.
 
     The key holds the version counter (bumped by every in-place op outside
-    ``.data``) and the storage of the values and of the layout."""
-    key = (values._version, values.data_ptr(), meta.col_indices.data_ptr(), meta.row_offsets.data_ptr(), shape)
+    ``.data``), the process's optimizer step count (fused optimizers bump no
+    version: :func:`optimizer_steps`) and the storage of the values and of the layout."""
+    key = (values._version, optimizer_steps(), values.data_ptr(), meta.col_indices.data_ptr(),
+           meta.row_offsets.data_ptr(), shape)
     store = getattr(values, "_sparsify_cache", None)
     if store is not None:
         hit = store.get(what)

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import decompose
 from .. import ranks as rank_sel
-from ..runtime.executors.cpu import fsdp2_in_use
+from ..runtime.executors.cpu import fsdp2_in_use, optimizer_steps
 from .weight_view import LinearLike
 
 __all__ = ["CPLinear", "TuckerLinear", "TTLinear", "Contraction", "ReconstructedWeightCache", "tensorize"]
@@ -139,7 +139,8 @@ class ReconstructedWeightCache:
     ``_reconstructed_weight(x)`` returns ``to_dense()``; in eval mode, with grad
     off, on a plain tensor and outside tracing / ``torch.compile``, the result is
     kept on the module, keyed by the ``_version`` and ``data_ptr()`` of every
-    factor parameter, so inference pays for the rebuild once per weight change
+    factor parameter and the process's optimizer step count (a fused optimizer bumps no
+    version), so inference pays for the rebuild once per weight change
     (the policy of ``runtime.executors.cpu.dense_weight`` for block-sparse
     layers).  With grad on it is rebuilt every call and never cached: a cached
     tensor must not enter an autograd graph.  Writes through ``.data`` bypass
@@ -155,7 +156,7 @@ class ReconstructedWeightCache:
         if (self.training or type(x) is not torch.Tensor or torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or fsdp2_in_use()):
             return self.to_dense()
-        key = tuple((p._version, p.data_ptr()) for p in self._weight_factors())
+        key = (optimizer_steps(), *((p._version, p.data_ptr()) for p in self._weight_factors()))
         hit = self.__dict__.get("_weight_cache")
         if hit is not None and hit[0] == key:
             return hit[1]
