@@ -216,3 +216,39 @@ def test_a_fused_optimizer_step_is_seen_by_the_inference_cache(make):
     # (the premise: the fused step left the version counters as they were, or this test proves nothing)
     if [p._version for p in conv.parameters()] != versions:
         pytest.skip("this torch's fused AdamW bumps version counters")
+
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "weight"])
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_init_then_to_empty_then_load_state_dict_restores_every_buffer(kind, assign):
+    # the meta-device pattern (FSDP2, accelerate): the derived metadata buffers are in no state_dict,
+    # so a load with the same pattern must rewrite them; to_empty() leaves uninitialized memory there
+    import copy
+
+    import sparsify
+    from sparsify.modules.sparse_weight import BlockSparseWeight
+    from sparsify.patterns import random_layout
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = BlockSparseLinear.from_dense(torch.nn.Linear(64, 48), density=0.5, block_size=16), torch.randn(3, 64)
+    elif kind == "conv":
+        model = sparsify.sparsify(torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1)), density=0.5,
+                                  block_size=16, min_size=0)
+        x = torch.randn(1, 32, 6, 6)
+    else:
+        model = BlockSparseWeight(random_layout((64, 32), 16, 0.5, seed=0))
+        with torch.no_grad():
+            model.values.normal_()
+        x = None
+    model.eval()
+    want = model(x) if x is not None else model.to_dense()
+    sd = copy.deepcopy(model.state_dict())
+    moved = copy.deepcopy(model).to("meta").to_empty(device="cpu")
+    with torch.no_grad():
+        for b in moved.buffers():
+            b.fill_(-7)  # what uninitialized memory may hold
+    moved.load_state_dict(sd, assign=assign)
+    got = moved(x) if x is not None else moved.to_dense()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

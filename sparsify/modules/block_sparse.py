@@ -9,6 +9,7 @@ from torch import nn
 
 from ..runtime import ACTIVATIONS, BlockSparseLayout
 from ..runtime.ops import META_NAMES, bsmm_eager, eager_inference
+from .sparse_weight import refresh_derived
 from .weight_view import LinearLike
 
 __all__ = ["BlockSparseLinear", "ACTIVATION_MODULES"]
@@ -228,5 +229,7 @@ class BlockSparseLinear(LinearLike, nn.Module):
             if layout.nnz != self.values.shape[0]:
                 self.values = nn.Parameter(torch.empty(layout.nnz, b, b, device=device, dtype=dtype))
             self._set_layout(layout, device=device)
+        elif ro is not None and ci is not None:
+            refresh_derived(self, lay)  # after to_empty() they hold uninitialized memory
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

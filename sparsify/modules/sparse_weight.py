@@ -33,6 +33,23 @@ from torch import nn
 
 from ..runtime import BlockSparseLayout
 
+
+def refresh_derived(module: nn.Module, layout: BlockSparseLayout) -> None:
+    """Rewrite ``module``'s derived (non-persistent) metadata buffers from ``layout``, in place where they
+    fit.  Loading a state_dict with the same pattern must do it too: after ``to_empty()`` (meta-device
+    initialization, FSDP2, accelerate) those buffers hold uninitialized memory, and no state_dict fills
+    them: a forward read garbage block indices."""
+    device = module.values.device
+    for name, t in layout.metadata().items():
+        if name in ("row_offsets", "col_indices"):
+            continue  # persistent: the state_dict's own
+        buf = module._buffers.get(name)
+        if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == device:
+            with torch.no_grad():
+                buf.copy_(t)
+        else:
+            module.register_buffer(name, t.to(device=device, copy=True), persistent=False)
+
 __all__ = ["BlockSparseParams", "BlockSparseWeight", "init_block_sparse_", "kept_fan_in"]
 
 _PERSISTENT = ("row_offsets", "col_indices")
@@ -195,6 +212,8 @@ class BlockSparseParams:
             if layout.nnz != self.values.shape[0]:
                 self.values = self._new_values(layout.nnz, self.values.device, self.values.dtype)
             self._set_layout(layout, device=self.values.device)
+        elif ro is not None and ci is not None:
+            refresh_derived(self, lay)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
