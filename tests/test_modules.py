@@ -252,3 +252,26 @@ def test_meta_init_then_to_empty_then_load_state_dict_restores_every_buffer(kind
     moved.load_state_dict(sd, assign=assign)
     got = moved(x) if x is not None else moved.to_dense()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_block_sparse_layers_run_under_autocast_as_dense_ones_do(kind, grad):
+    # the ops have no autocast rule: a bfloat16 activation met float32 values and was refused
+    import sparsify
+
+    torch.manual_seed(0)
+    dense = (torch.nn.Linear(64, 48) if kind == "linear" else torch.nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(5, 64) if kind == "linear" else torch.randn(2, 32, 6, 6)
+    sparse = sparsify.sparsify(torch.nn.Sequential(dense), density=1.0, block_size=16, min_size=0,
+                               dense_if_larger=False)
+    assert type(sparse[0]).__name__.startswith("BlockSparse")
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = dense(x), sparse(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # the same bfloat16 operands, summed in another order: bfloat16's 8-bit mantissa (eps 7.8e-3)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    if grad:
+        got.float().square().sum().backward()
+        assert sparse[0].values.grad is not None and sparse[0].values.grad.dtype == torch.float32

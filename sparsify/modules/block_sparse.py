@@ -9,7 +9,7 @@ from torch import nn
 
 from ..runtime import ACTIVATIONS, BlockSparseLayout
 from ..runtime.ops import META_NAMES, bsmm_eager, eager_inference
-from .sparse_weight import refresh_derived
+from .sparse_weight import autocast_operands, refresh_derived
 from .weight_view import LinearLike
 
 __all__ = ["BlockSparseLinear", "ACTIVATION_MODULES"]
@@ -182,14 +182,17 @@ class BlockSparseLinear(LinearLike, nn.Module):
 
     def _run(self, x, bias, residual, activation) -> torch.Tensor:
         meta = [getattr(self, n) for n in META_NAMES]
+        x, values, bias, residual = autocast_operands(x, self.values, bias, residual)
+        # (under autocast `values` is a cast copy: nothing to cache on it)
+        static = values is self.values and not self.training
         if eager_inference(x):
-            return bsmm_eager(x, self.values, meta, bias, residual, self.out_features,
-                              self.in_features, activation, not self.training)
+            return bsmm_eager(x, values, meta, bias, residual, self.out_features,
+                              self.in_features, activation, static)
         # Inside the op grad mode always reads False, so the module says whether the
         # weight is static: eval mode and grad off (writes through .data bypass versions).
-        static = not self.training and not torch.is_grad_enabled()
+        static = static and not torch.is_grad_enabled()
         return torch.ops.sparsify.bsmm(
-            x, self.values, *meta, bias, residual, self.out_features, self.in_features,
+            x, values, *meta, bias, residual, self.out_features, self.in_features,
             activation, None, static,
         )
 

@@ -31,7 +31,7 @@ from ..runtime import (
 )
 from ..runtime.executors.cpu_conv import dense_conv_weight
 from .block_sparse import activation_module
-from .sparse_weight import BlockSparseParams, init_block_sparse_
+from .sparse_weight import BlockSparseParams, autocast_operands, init_block_sparse_
 from .weight_view import ConvLike
 
 __all__ = ["BlockSparseConv1d", "BlockSparseConv2d", "channel_block_norms"]
@@ -244,12 +244,13 @@ class _BlockSparseConvNd(ConvLike, BlockSparseParams, nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: expected {self.in_channels} input channels. "
                              f"Got input of shape {tuple(x.shape)}.")
+        x, values, bias, residual = autocast_operands(x, self.values, self.bias, residual)
         x4, pad = self._prepare(x)
-        values = self.values if self._nd == 2 else self.values.unsqueeze(3)
+        values = values if self._nd == 2 else values.unsqueeze(3)
         stride = list(self.stride) if self._nd == 2 else [1, self.stride[0]]
         dilation = list(self.dilation) if self._nd == 2 else [1, self.dilation[0]]
         res4 = None if residual is None else (residual if self._nd == 2 else residual.unsqueeze(2))
-        y = torch.ops.sparsify.bsconv2d(x4, values, *self._meta(), self.bias, res4, self.out_channels, stride, pad,
+        y = torch.ops.sparsify.bsconv2d(x4, values, *self._meta(), bias, res4, self.out_channels, stride, pad,
                                         dilation, self.activation)
         if self._nd == 1:
             y = y.squeeze(2)

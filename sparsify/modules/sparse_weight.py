@@ -34,6 +34,18 @@ from torch import nn
 from ..runtime import BlockSparseLayout
 
 
+def autocast_operands(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
+    """``(x, *tensors)`` in ``torch.autocast``'s dtype where it is on for ``x``'s device (as ``nn.Linear`` /
+    ``nn.Conv2d`` take their input and weight), else unchanged.  The block-sparse ops have no autocast
+    rule of their own: under autocast a bfloat16 activation met a float32 ``values`` and the op refused
+    the mixed dtypes.  The cast is differentiable, so the stored blocks still train in their own dtype."""
+    dev = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t if t is None or not t.is_floating_point() or t.dtype == dt else t.to(dt) for t in (x, *tensors))
+
+
 def refresh_derived(module: nn.Module, layout: BlockSparseLayout) -> None:
     """Rewrite ``module``'s derived (non-persistent) metadata buffers from ``layout``, in place where they
     fit.  Loading a state_dict with the same pattern must do it too: after ``to_empty()`` (meta-device
