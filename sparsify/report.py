@@ -3,10 +3,44 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Report"]
+__all__ = ["Report", "printable", "markdown_text"]
+
+# Bidirectional overrides and isolates reorder what a terminal or viewer shows ("Trojan Source").
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# CommonMark's HTML and entity characters, and every ASCII punctuation that starts an inline construct
+# (code, emphasis, links, images, headings, GFM tables / strikethrough, math).
+_MARKDOWN = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", **{c: "\\" + c for c in "\\`*_[]()!#|~$"}})
+
+
+def printable(text: str) -> str:
+    r"""``text`` safe to print: control characters (C0, DEL, C1, newlines, line separators, bidi
+    overrides) become visible escapes, as ``repr`` writes them.  Names, reasons and notes may come
+    from someone else's artifact; they never move the cursor, retitle the window or hide text.
+
+    Example:
+        >>> printable("fc\x1b[2J\nnext")
+        'fc\\x1b[2J\\nnext'
+    """
+    text = str(text)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI else c
+                   for c in text)
+
+
+def markdown_text(text: str) -> str:
+    r"""``text`` as literal Markdown inline text: :func:`printable`, then ``& < >`` as entities and
+    Markdown's punctuation backslash-escaped, so no HTML, link, image or emphasis survives.
+
+    Example:
+        >>> markdown_text("![t](http://x/t.png) <b>")
+        '\\!\\[t\\]\\(http://x/t.png\\) &lt;b&gt;'
+    """
+    return printable(text).translate(_MARKDOWN)
 
 
 def _fmt_count(n: int | None) -> str:
@@ -126,7 +160,7 @@ class Report:
         return body
 
     def __str__(self) -> str:
-        body = self.table()
+        body = [[printable(c) for c in row] for row in self.table()]
         widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
         lines = []
         for i, row in enumerate(body):
@@ -134,12 +168,13 @@ class Report:
             if i == 0 or i == len(body) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         if not self.traced:
-            lines.append(f"note: not traced ({self.capture_note}); module-tree fallback")
-        lines += [f"note: {n}" for n in self.notes]
+            lines.append(f"note: not traced ({printable(self.capture_note)}); module-tree fallback")
+        lines += [f"note: {printable(n)}" for n in self.notes]
         return "\n".join(lines)
 
     def _repr_markdown_(self) -> str:
-        body = self.table()
+        # Every cell is literal text (markdown_text): a layer name is never HTML, a link or an image.
+        body = [[markdown_text(c) for c in row] for row in self.table()]
         out = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(body[0])]
-        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body[1:]]
+        out += ["| " + " | ".join(row) + " |" for row in body[1:]]
         return "\n".join(out)
