@@ -1086,14 +1086,29 @@ def refit_factors(module: nn.Module, w: torch.Tensor, hd: torch.Tensor, groups: 
 
 
 # ---------------------------------------------------------------------------- model error
+def output_name(path) -> str:
+    """A pytree path as ``verify`` names outputs: ``output`` (one tensor), ``logits`` (a dict's or a
+    ``ModelOutput``'s key), ``output[0]`` (a tuple's item), ``output[1].hidden``, ``a[0]``.
+
+    Example:
+        >>> out = (torch.zeros(1), {"hidden": [torch.zeros(1)]})
+        >>> [output_name(p) for p, _ in pytree.tree_flatten_with_path(out)[0]]
+        ['output[0]', 'output[1].hidden[0]']
+    """
+    name = "output"
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "name", None))
+        if isinstance(entry, pytree.SequenceKey):
+            name = f"{name}[{entry.idx}]"
+        else:
+            name = str(key) if name == "output" else f"{name}.{key}"
+    return name
+
+
 def _leaves(out: Any) -> list[tuple[str, torch.Tensor]]:
     flat, _ = pytree.tree_flatten_with_path(out)
-    res = []
-    for path, leaf in flat:
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            name = pytree.keystr(path).strip("[]'\".") or "output"
-            res.append((name, leaf))
-    return res
+    return [(output_name(path), leaf) for path, leaf in flat
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
 
 
 def model_error(reference: nn.Module, converted: nn.Module, data: CalibrationData) -> dict[str, Any]:
@@ -1127,5 +1142,6 @@ def model_error(reference: nn.Module, converted: nn.Module, data: CalibrationDat
             batches += 1
     outputs = {n: (math.sqrt(num[n] / den[n]) if den[n] > 0 else (0.0 if num[n] == 0 else float("inf")))
                for n in num}
-    worst = max(outputs, key=outputs.get) if outputs else None
+    # a NaN (an output that became NaN) is the worst of all, never hidden behind a finite one
+    worst = max(outputs, key=lambda n: math.inf if math.isnan(outputs[n]) else outputs[n]) if outputs else None
     return {"outputs": outputs, "worst": worst, "error": outputs[worst] if worst else 0.0, "batches": batches}

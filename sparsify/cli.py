@@ -582,11 +582,11 @@ def cmd_verify(args) -> int:
     for (name, c), (_, r), (_, o) in zip(outs["converted"], outs["reference"], outs["original"]):
         ra, rr = _errors(c, r)
         oa, orel = _errors(c, o)
-        worst = max(worst, rr)
+        worst = rr if math.isnan(rr) or math.isnan(worst) else max(worst, rr)  # a NaN is never hidden
         rows.append([name, "x".join(map(str, c.shape)), f"{ra:.3g}", f"{rr:.3g}", f"{oa:.3g}", f"{orel:.3g}"])
     print(f"verify {args.artifact} against {spec.target} on random inputs {_describe_inputs(specs)}")
     print(_table(rows))
-    ok = worst <= args.tol and len(outs["converted"]) == len(outs["reference"]) > 0
+    ok = worst <= args.tol and len(outs["converted"]) == len(outs["reference"]) > 0  # (False for NaN)
     if exported_outs is not None:
         ex_worst = max((_errors(e, c)[1] for (_, e), (_, c) in zip(exported_outs, outs["converted"])), default=0.0)
         ex_ok = ex_worst <= args.tol and len(exported_outs) == len(outs["converted"])
@@ -615,12 +615,12 @@ def cmd_verify(args) -> int:
                 against[name] = num / den if den > 0 else (0.0 if num == 0 else math.inf)
         on = f"random inputs {_describe_inputs(specs)} (pass --data FILE with held-out data for a real measure)"
     if against:
-        name = max(against, key=against.get)
+        name = max(against, key=lambda n: math.inf if math.isnan(against[n]) else against[n])  # NaN: the worst
         err = against[name]
         print(f"==> error against the original: {err:.3g} (output {name!r}; relative ||converted - original|| / "
               f"||original|| on {on})")
         if args.max_error is not None:
-            if err > args.max_error:
+            if not err <= args.max_error:  # NaN is above every bound
                 times = f", {err / args.max_error:.3g}x the bound" if args.max_error > 0 else ""
                 print(f"==> ABOVE --max-error {args.max_error:g}: output {name!r} is {err:.3g} from the original"
                       f"{times}")

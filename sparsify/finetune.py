@@ -320,10 +320,16 @@ def finetune(
     plan = getattr(student, PLAN_ATTR, None)
     if plan is not None and hasattr(plan, "notes"):
         plan = copy.copy(plan)
+        stale = getattr(plan, "calibration", None)
+        # The model's error on the calibration data describes the weights before training: it is no
+        # longer this model's, so the report does not carry it as one (report().model_error is None).
+        plan.calibration = None
         plan.notes = list(plan.notes) + [
             f"finetuned by distillation: {steps} steps, loss {losses[0]:.4g} -> {losses[-1]:.4g}"
             + (f", output error on eval_data {record['error_before']['error']:.3g} -> "
                f"{record['error_after']['error']:.3g}" if held is not None else "")
-            + "; per-layer errors above were measured before it"]
+            + "; per-layer errors and any error on the calibration data above were measured before it"
+            + (f" (the model's was {stale['error']:.3g}; measure it again with "
+               "sparsify.calibration.model_error)" if stale else "")]
         object.__setattr__(student, PLAN_ATTR, plan)
     return student
