@@ -37,7 +37,7 @@ from ..runtime import (
     ops_lstm,  # noqa: F401  (registers torch.ops.sparsify.bslstm_recurrence)
 )
 from ..runtime.ops import META_NAMES
-from .sparse_weight import BlockSparseWeight, init_block_sparse_
+from .sparse_weight import BlockSparseWeight, autocast_operands, init_block_sparse_
 
 __all__ = ["BlockSparseLSTM", "lstm_layouts"]
 
@@ -279,7 +279,7 @@ class BlockSparseLSTM(nn.Module):
             for name, s in (("h0", h0), ("c0", c0)):
                 if tuple(s.shape) != shape:
                     want = shape if not unbatched else (shape[0], shape[2])
-                    raise ValueError(f"BlockSparseLSTM: expected {name} of shape {want}. Got {tuple(hx[0].shape)}.")
+                    raise ValueError(f"BlockSparseLSTM: expected {name} of shape {want}. Got {tuple(s.shape)}.")
         cells = list(self._cells())
         rec = getattr(self, "_dynamic_record", None)
         h_n, c_n = [], []
@@ -291,10 +291,13 @@ class BlockSparseLSTM(nn.Module):
                 ih, hh, b_ih, b_hh = cells[k]
                 seq = layer_in if d == 0 else layer_in.flip(0)
                 bias = None if b_ih is None else b_ih + b_hh
-                xproj = torch.ops.sparsify.bsmm(seq, ih.values, *[getattr(ih, m) for m in META_NAMES], bias, None,
+                # under torch.autocast, every operand in its dtype, as nn.LSTM runs (the ops have no rule)
+                seq_a, ih_values, bias = autocast_operands(seq, ih.values, bias)
+                xproj = torch.ops.sparsify.bsmm(seq_a, ih_values, *[getattr(ih, m) for m in META_NAMES], bias, None,
                                                 4 * self.hidden_size, ih.shape[1], "none", None, False)
+                xproj_a, h0k, c0k, hh_values = autocast_operands(xproj, h0[k], c0[k], hh.values)
                 hs, cs, _ = torch.ops.sparsify.bslstm_recurrence(
-                    xproj, h0[k], c0[k], hh.values, *[getattr(hh, m) for m in META_NAMES])
+                    xproj_a, h0k, c0k, hh_values, *[getattr(hh, m) for m in META_NAMES])
                 if rec is not None and xproj.requires_grad:  # dynamic sparsity (RigL) records its operands
                     r = rec[k] = {"x": seq.detach(), "h0": h0[k].detach(), "hs": hs.detach()}
                     xproj.register_hook(lambda g, r=r: r.__setitem__("dxproj", g.detach()))

@@ -39,6 +39,8 @@ def autocast_operands(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     ``nn.Conv2d`` take their input and weight), else unchanged.  The block-sparse ops have no autocast
     rule of their own: under autocast a bfloat16 activation met a float32 ``values`` and the op refused
     the mixed dtypes.  The cast is differentiable, so the stored blocks still train in their own dtype."""
+    if not isinstance(x, torch.Tensor):  # an fx Proxy while tracing: nothing to cast
+        return (x, *tensors)
     dev = x.device.type
     if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
         return (x, *tensors)
