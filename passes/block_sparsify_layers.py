@@ -23,6 +23,7 @@ import copy
 import hashlib
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
 from ..modules.block_sparse import BlockSparseLinear
@@ -68,6 +69,15 @@ def _refusal(site: LayerSite, params: dict) -> str | None:
     return None
 
 
+def _fresh(new: nn.Module, seed: int) -> None:
+    """``new.reset_parameters()`` drawn from a generator seeded by the layer's seed (``layer_seed(seed,
+    name)``), not from where torch's global RNG happens to be: the layer is the same whether the model
+    is converted in memory, streamed one layer at a time, or split across ranks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new.reset_parameters()
+
+
 def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
     pattern, init = params.get("layout", "magnitude"), params.get("init", "copy")
     b, density = params["block_size"], params["density"]
@@ -82,7 +92,7 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
                                    block_size=b, density=density, pattern=pattern, seed=seed)
             new = BlockSparseLSTM.from_dense(m, layouts=layouts)
         if init == "fresh":
-            new.reset_parameters()
+            _fresh(new, seed)
         hh = new.weight_hh_l0.layout
         return new, {"density": hh.density, "block_size": b, "nnz_blocks": sum(w.layout.nnz for w in
                                                                              new.sparse_weights()),
@@ -99,7 +109,7 @@ def _convert(site: LayerSite, params: dict) -> tuple[nn.Module, dict]:
         layout = layout_for(pattern, tuple(w.shape), block_size=b, density=density, seed=seed, weight=w)
         new = BlockSparseLinear.from_weight(w, None if site.bias is None else site.bias.detach(), layout)
     if init == "fresh":
-        new.reset_parameters()
+        _fresh(new, seed)
     return new, {"density": layout.density, "block_size": b, "nnz_blocks": layout.nnz, "layout": pattern,
                  "init": init}
 

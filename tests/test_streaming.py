@@ -360,6 +360,28 @@ def test_checkpoints_with_non_finite_or_disagreeing_tied_weights_are_refused(tmp
         S.convert_checkpoint(_Tied, ckpt, out, density=0.5, block_size=16, min_size=0)
 
 
+def test_fresh_init_streams_exactly_whatever_the_global_rng(tmp_path):
+    # init="fresh" drew from torch's global RNG, so the streamed layers (converted one unit at a
+    # time, a low-rank unit in between) differed from the in-memory conversion's
+    build = lambda: nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),  # noqa: E731
+                                  nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    cfg = SparsifyConfig(min_size=0, rules=[
+        Rule("0", method="block_sparse", density=0.5, block_size=8, layout="small_world", init="fresh"),
+        Rule("2", method="low_rank", rank=8),
+        Rule("4", method="block_sparse", density=0.25, block_size=8, layout="random", init="fresh")])
+    torch.manual_seed(0)
+    dense = build().eval()
+    ckpt = _write_checkpoint(dense, tmp_path / "ckpt")
+    torch.manual_seed(1)
+    streamed, _, _ = _stream(build, ckpt, cfg)
+    torch.manual_seed(2)  # another global RNG state: the same layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        in_memory = sparsify.sparsify(dense, cfg, check=False).state_dict()
+    assert set(streamed) <= set(in_memory)
+    assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
+
+
 def test_assign_units_balances_and_covers():
     from types import SimpleNamespace
 
