@@ -132,7 +132,7 @@ class BlockSparseLayout:
                     f"Expected col_indices in [0, {nbc}). Got [{int(ci.min())}, {int(ci.max())}]."
                 )
             # strictly increasing within each block row
-            row_of = torch.repeat_interleave(torch.arange(nbr), counts.long())
+            row_of = torch.repeat_interleave(torch.arange(nbr, device="cpu"), counts.long())
             same_row = row_of[1:] == row_of[:-1]
             if bool((same_row & (ci[1:] <= ci[:-1])).any()):
                 raise ValueError("Expected strictly increasing col_indices within each block row.")
@@ -168,7 +168,7 @@ class BlockSparseLayout:
             )
         mask = mask.to("cpu", torch.bool)
         counts = mask.sum(dim=1)
-        row_offsets = torch.zeros(nbr + 1, dtype=torch.int64)
+        row_offsets = torch.zeros(nbr + 1, dtype=torch.int64, device="cpu")
         row_offsets[1:] = counts.cumsum(0)
         col_indices = mask.nonzero(as_tuple=True)[1]  # row-major, so sorted per row
         return cls.from_csr(shape, block_size, row_offsets, col_indices)
@@ -177,7 +177,8 @@ class BlockSparseLayout:
     def dense(cls, shape: tuple[int, int], block_size: int) -> BlockSparseLayout:
         """The layout with every block kept."""
         nbr, nbc = _ceil_div(shape[0], block_size), _ceil_div(shape[1], block_size)
-        return cls.from_block_mask(torch.ones(nbr, nbc, dtype=torch.bool), shape=shape, block_size=block_size)
+        return cls.from_block_mask(torch.ones(nbr, nbc, dtype=torch.bool, device="cpu"), shape=shape,
+                                   block_size=block_size)
 
     # ----------------------------------------------------------------- basics
     @property
@@ -219,7 +220,7 @@ class BlockSparseLayout:
     def row_indices(self) -> torch.Tensor:
         """``int32[nnz]``: block row of each stored block (block coordinates for dW)."""
         counts = self.row_offsets.diff().long()
-        return torch.repeat_interleave(torch.arange(self.n_block_rows), counts).to(torch.int32)
+        return torch.repeat_interleave(torch.arange(self.n_block_rows, device="cpu"), counts).to(torch.int32)
 
     @cached_property
     def _transpose_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,7 +228,7 @@ class BlockSparseLayout:
         order = torch.sort(self.col_indices.long(), stable=True).indices
         t_col = self.row_indices[order]
         counts = torch.bincount(self.col_indices.long(), minlength=self.n_block_cols)
-        t_off = torch.zeros(self.n_block_cols + 1, dtype=torch.int64)
+        t_off = torch.zeros(self.n_block_cols + 1, dtype=torch.int64, device="cpu")
         t_off[1:] = counts.cumsum(0)
         return t_off.to(torch.int32), t_col.to(torch.int32), order.to(torch.int32)
 
@@ -265,7 +266,7 @@ class BlockSparseLayout:
 
     def block_mask(self) -> torch.Tensor:
         """Boolean ``[n_block_rows, n_block_cols]`` mask of the stored blocks."""
-        mask = torch.zeros(self.n_block_rows, self.n_block_cols, dtype=torch.bool)
+        mask = torch.zeros(self.n_block_rows, self.n_block_cols, dtype=torch.bool, device="cpu")
         mask[self.row_indices.long(), self.col_indices.long()] = True
         return mask
 

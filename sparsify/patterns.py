@@ -146,9 +146,9 @@ def _from_mask(mask: torch.Tensor, shape: Sequence[int], block_size: int) -> Blo
 def _cover(r: int, c: int, gen: torch.Generator) -> torch.Tensor:
     """A random set of ``max(r, c)`` blocks that touches every block row and column."""
     n = max(r, c)
-    rows = torch.cat([torch.randperm(r, generator=gen) for _ in range(-(-n // r))])[:n]
-    cols = torch.cat([torch.randperm(c, generator=gen) for _ in range(-(-n // c))])[:n]
-    mask = torch.zeros(r, c, dtype=torch.bool)
+    rows = torch.cat([torch.randperm(r, generator=gen, device="cpu") for _ in range(-(-n // r))])[:n]
+    cols = torch.cat([torch.randperm(c, generator=gen, device="cpu") for _ in range(-(-n // c))])[:n]
+    mask = torch.zeros(r, c, dtype=torch.bool, device="cpu")
     mask[rows, cols] = True
     return mask
 
@@ -168,7 +168,7 @@ def random_layout(
         (8, True)
     """
     r, c, k = _grid(shape, block_size, density, "random_layout")
-    gen = torch.Generator().manual_seed(_seed(seed, "random_layout"))
+    gen = torch.Generator("cpu").manual_seed(_seed(seed, "random_layout"))
     mask = _cover(r, c, gen)
     _adjust(mask, k, torch.zeros_like(mask), gen)
     return _from_mask(mask, shape, block_size)
@@ -191,14 +191,14 @@ def _adjust(mask: torch.Tensor, k: int, keep: torch.Tensor, gen: torch.Generator
     if symmetric:
         upper = torch.triu(torch.ones_like(mask), diagonal=1)
         cand = (pool & upper).view(-1).nonzero().squeeze(1)
-        pairs = cand[torch.randperm(cand.numel(), generator=gen)[: need // 2]]
+        pairs = cand[torch.randperm(cand.numel(), generator=gen, device="cpu")[: need // 2]]
         flat[pairs] = not drop
         flat[(pairs % n) * n + pairs // n] = not drop
         need -= 2 * pairs.numel()
         pool = (mask & ~keep) if drop else ~mask
     if need:
         cand = pool.view(-1).nonzero().squeeze(1)
-        flat[cand[torch.randperm(cand.numel(), generator=gen)[:need]]] = not drop
+        flat[cand[torch.randperm(cand.numel(), generator=gen, device="cpu")[:need]]] = not drop
 
 
 def _graph_mask(graph, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +291,7 @@ def small_world_layout(
     graph, _ = _closest(lambda half: nx.watts_strogatz_graph(n, 2 * half, float(rewire), seed=seed),
                         0, (n - 1) // 2, r, c, k, lambda half: n * (1 + 2 * half))
     mask, diag = _graph_mask(graph, r, c)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator("cpu").manual_seed(seed)
     _adjust(mask, k, diag, gen, symmetric=r == c)
     return _from_mask(mask, shape, block_size)
 
@@ -331,7 +331,7 @@ def barabasi_albert_layout(
             "Use a lower density, a smaller block_size, or pattern 'random' / 'small_world'."
         )
     mask, diag = _graph_mask(graph, r, c)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator("cpu").manual_seed(seed)
     _adjust(mask, k, diag, gen, symmetric=r == c)
     return _from_mask(mask, shape, block_size)
 

@@ -213,3 +213,22 @@ def test_runs_under_autocast_as_nn_lstm_does(grad):
         got.float().sum().backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in sparse.parameters()
                    if p.requires_grad)
+
+
+def test_builds_under_a_meta_device_context_and_loads_into_it():
+    # layouts are CPU objects: under `with torch.device("meta")` (the skeleton idiom of
+    # docs/distributed.md) the patterns were drawn on meta and construction failed or read garbage
+    from sparsify.patterns import random_layout, small_world_layout
+
+    torch.manual_seed(0)
+    ref = BlockSparseLSTM(16, 32, block_size=8, density=0.5, seed=1)
+    with torch.device("meta"):
+        skeleton = BlockSparseLSTM(16, 32, block_size=8, density=0.5, seed=1)
+        lays = [random_layout((64, 32), 8, 0.25, seed=3), small_world_layout((64, 32), 8, 0.25, seed=3)]
+    assert all(not t.is_meta for lay in lays for t in lay.metadata().values())
+    assert lays == [random_layout((64, 32), 8, 0.25, seed=3), small_world_layout((64, 32), 8, 0.25, seed=3)]
+    assert all(p.is_meta for p in skeleton.parameters())
+    skeleton = skeleton.to_empty(device="cpu")
+    skeleton.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 16)
+    torch.testing.assert_close(skeleton(x)[0], ref(x)[0], rtol=0, atol=0)

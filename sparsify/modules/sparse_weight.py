@@ -80,10 +80,10 @@ def kept_fan_in(layout: BlockSparseLayout, taps: int = 1) -> torch.Tensor:
     """
     b = layout.block_size
     cols = layout.shape[1]
-    width = torch.full((layout.n_block_cols,), float(b), dtype=torch.float64)
+    width = torch.full((layout.n_block_cols,), float(b), dtype=torch.float64, device="cpu")  # as the layout
     width[-1] = cols - (layout.n_block_cols - 1) * b
     per_block = width[layout.col_indices.long()]
-    out = torch.zeros(layout.n_block_rows, dtype=torch.float64)
+    out = torch.zeros(layout.n_block_rows, dtype=torch.float64, device="cpu")
     out.index_add_(0, layout.row_indices.long(), per_block)
     return out * taps
 
