@@ -324,12 +324,25 @@ def barabasi_albert_layout(
     # m (n - m) edges: the densest BA graph has m = n // 2.
     graph, reach = _closest(lambda m: nx.barabasi_albert_graph(n, m, seed=seed), 1, n // 2, r, c, k,
                             lambda m: n + 2 * m * (n - m))
-    if k > reach + r:  # more than one block per row beyond the closest (densest) BA graph
-        raise ValueError(
-            f"{where}: a Barabasi-Albert graph on {n} block nodes covers at most {reach} of the "
-            f"{r}x{c} blocks (density {reach / (r * c):.3g}); got density={density!r} ({k} blocks). "
-            "Use a lower density, a smaller block_size, or pattern 'random' / 'small_world'."
-        )
+    if k > reach + r:  # more than one block per row short of the closest BA graph
+        # On a non-square grid nodes merge and the count is not monotone in m, so the search can stop
+        # below a parameter that does reach k: take the first m that does (its extra blocks are
+        # dropped below), and refuse only if none does, with the most any m covers.
+        top, found = reach, None
+        for m in range(1, n // 2 + 1):
+            g = nx.barabasi_albert_graph(n, m, seed=seed)
+            cnt = int(_graph_mask(g, r, c)[0].sum())
+            top = max(top, cnt)
+            if cnt >= k:
+                found = g
+                break
+        if found is None:
+            raise ValueError(
+                f"{where}: a Barabasi-Albert graph on {n} block nodes covers at most {top} of the "
+                f"{r}x{c} blocks (density {top / (r * c):.3g}); got density={density!r} ({k} blocks). "
+                "Use a lower density, a smaller block_size, or pattern 'random' / 'small_world'."
+            )
+        graph = found
     mask, diag = _graph_mask(graph, r, c)
     gen = torch.Generator("cpu").manual_seed(seed)
     _adjust(mask, k, diag, gen, symmetric=r == c)
