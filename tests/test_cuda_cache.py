@@ -152,7 +152,20 @@ def test_the_cache_is_created_private(tmp_path, monkeypatch):
     assert c.get("k") == b"cubin"
 
 
-@pytest.mark.parametrize("attack", ["folder_writable", "entry_writable", "entry_link", "entry_fifo", "folder_link",
+def test_a_folder_of_ours_that_others_may_write_is_tightened_and_used(tmp_path):
+    # an older version created the folders under the umask (0775 under umask 002): ours, so made 0700
+    top = tmp_path / "top"
+    top.mkdir(mode=0o700)
+    c = cache.DiskCache(top / "kernels")
+    c.put("k", b"ours")
+    os.chmod(c.root, 0o777)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert c.get("k") == b"ours"
+    assert (c.root.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("attack", ["folder_other_owner", "entry_writable", "entry_link", "entry_fifo", "folder_link",
                                     "other_owner", "parent_writable"])
 def test_a_cache_others_can_write_is_not_used(tmp_path, attack):
     # A checksum stored beside an entry proves nothing about who wrote it: whoever can write the
@@ -162,8 +175,10 @@ def test_a_cache_others_can_write_is_not_used(tmp_path, attack):
     c = cache.DiskCache(top / "kernels")
     c.put("k", b"ours")
     entry = c.path("k")
-    if attack == "folder_writable":
-        os.chmod(c.root, 0o777)
+    if attack == "folder_other_owner":
+        if os.geteuid() != 0:
+            pytest.skip("chown to another user needs root")
+        os.chown(c.root, 65534, 65534)
     elif attack == "entry_writable":
         os.chmod(entry, 0o666)
     elif attack == "entry_link":
@@ -460,9 +475,10 @@ def test_the_emulator_builds_elsewhere_when_the_cache_is_not_private(tmp_path, m
     # its libraries are loaded with ctypes: a planted one must never be, so a shared cache is not used
     from sparsify.runtime.emulator import builder
 
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, 0o777)  # anyone may replace what is in it (no sticky bit)
+    shared = parent / "cache"
     monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(shared))
     monkeypatch.setattr(builder, "_PRIVATE_FALLBACK", [])
     with pytest.warns(RuntimeWarning, match="not using the kernel cache"):

@@ -15,10 +15,11 @@ file.
 
 An entry is code (a cubin, PTX, or the emulator's shared library), and a
 checksum kept beside it proves nothing about who wrote it.  So the cache is
-private: its folders are created mode 0700, and a folder or entry is used only
-if it is a real folder / regular file (no link, FIFO or device) owned by this
-user and writable by nobody else, under a root whose parent others cannot
-write (or that has the sticky bit, as ``/tmp``).  A cache that fails this is
+private: its folders are created mode 0700 (a folder of ours that others may
+write, as an older version made under umask 002, is tightened to 0700), and a
+folder or entry is used only if it is a real folder / regular file (no link,
+FIFO or device) owned by this user and writable by nobody else, under a root
+whose parent others cannot write (or that has the sticky bit, as ``/tmp``).  A cache that fails this is
 not used at all (one warning says why and what to do; kernels are then
 compiled in each process).  ``XDG_CACHE_HOME`` counts only if absolute (the
 XDG rule).
@@ -105,6 +106,12 @@ def private_dir(path: Path, root: Path, *, create: bool = True) -> None:
         st = os.lstat(d)
         if not stat.S_ISDIR(st.st_mode):
             raise CacheUnsafe(f"cache folder {d} is not a folder (a link or a file)")
+        uid = os.geteuid() if hasattr(os, "geteuid") else None
+        if st.st_mode & 0o022 and (uid is None or st.st_uid == uid):
+            # Ours, made group-writable by an older version under umask 002: tighten it.  Entries stay
+            # checked one by one (another user's file, or one others can write, is still refused).
+            os.chmod(d, 0o700)
+            st = os.lstat(d)
         why = _not_private(st, "cache folder", d)
         if why:
             raise CacheUnsafe(why)
