@@ -6,11 +6,12 @@
     allocate_ranks      planning that needs weights and shapes: concrete ranks for the
                         factorizations (per layer, or a global compression= target)
                         and the forward each runs (factorized / reconstructed)
+    block_sparsify_layers  block_sparse on Conv1d / Conv2d and nn.LSTM, and the from-scratch
+                        patterns (layout=..., init='fresh') on Linear (not calibrated: they
+                        run first, so the calibrated layers after them see their outputs)
     calibrate           with calibration data: every planned layer converted in forward
                         order from the statistics of the inputs it gets (saliency +
                         least-squares refit, whitened SVD, factors refit to the outputs)
-    block_sparsify_layers  block_sparse on Conv1d / Conv2d and nn.LSTM, and the from-scratch
-                        patterns (layout=..., init='fresh') on Linear
     block_sparsify      Linear / F.linear -> BlockSparseLinear
     factorize_low_rank  Linear / F.linear -> LowRankLinear
     factorize_cp        Linear / Conv1d / Conv2d -> CPLinear / CPConv
@@ -44,8 +45,8 @@ PIPELINE = [
     annotate_shapes,
     fold_batchnorm,
     allocate_ranks,
-    calibrate,
     block_sparsify_layers,
+    calibrate,
     block_sparsify,
     factorize_low_rank,
     factorize_cp,

@@ -171,7 +171,7 @@ def calibrate(module: nn.Module, ctx: PassContext) -> PassResult:
                  if d.site and d.rewrites and d.method in _CONVERTERS and "module" not in d.result
                  and (d.method != "block_sparse" or linear_block_sparse(d))}
     for d in plan.decisions:
-        if d.method == "block_sparse" and d.rewrites and not linear_block_sparse(d) and "module" not in d.result:
+        if d.method == "block_sparse" and d.rewrites and not linear_block_sparse(d):
             d.reason += ("; chosen without the calibration data (it refits block-sparse Linear layers that keep "
                          "the trained blocks; convs, LSTMs and from-scratch patterns are not calibrated)")
     if not decisions:

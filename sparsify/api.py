@@ -172,15 +172,6 @@ def _measure(reference: nn.Module | None, out: nn.Module, plan: Plan, calib, cfg
     else:
         plan.notes.append("inplace=True: the original model is gone, so the model's output error was not "
                           "measured; compare against a copy with sparsify.calibration.model_error")
-    calibrated = [d for d in plan.decisions if d.rewrites and "output_error" in d.result]
-    uncalibrated = [d.name for d in plan.decisions if d.rewrites and "output_error" not in d.result]
-    if calibrated and uncalibrated:
-        shown = ", ".join(repr(n) for n in uncalibrated[:4]) + (" ..." if len(uncalibrated) > 4 else "")
-        plan.notes.append(
-            f"the layers converted without calibration ({shown}) were still dense when the calibrated layers' "
-            "out err was measured: a calibrated layer after them sees other inputs in the converted model, and its "
-            "error there can be larger than its row says (the model's error above is measured on the whole "
-            "converted model)")
     limit = cfg.warn_above
     # `not e <= limit`: a NaN error is above every limit (NaN > limit is False)
     bad = sorted(((d.result["output_error"], d) for d in plan.decisions
