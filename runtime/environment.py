@@ -20,13 +20,24 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["check_environment", "SWITCHES", "TRUE", "FALSE"]
+__all__ = ["check_environment", "switch", "SWITCHES", "TRUE", "FALSE"]
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 #: The on / off switches.
 SWITCHES = ("SPARSIFY_DISABLE_CACHE", "SPARSIFY_AUTOTUNE", "SPARSIFY_EMULATE_CUDA")
-_CPU_PATHS = ("dense", "bsr", "gather")
+
+
+def switch(name: str, default: bool) -> bool:
+    """The on / off switch ``name`` (read on every call): ``default`` when unset, empty or not a word of
+    ``TRUE`` / ``FALSE`` (:func:`check_environment` refuses those before any work).
+
+    Example:
+        >>> switch("SPARSIFY_NO_SUCH_SWITCH", True)
+        True
+    """
+    v = os.environ.get(name, "").strip().lower()
+    return True if v in TRUE else False if v and v in FALSE else default
 
 
 def _int(name: str, lo: int) -> None:
@@ -47,9 +58,11 @@ def check_environment() -> None:
         v = os.environ.get(name)
         if v is not None and v.strip().lower() not in TRUE + FALSE:
             raise ValueError(f"{name}={v!r}: expected 1 or 0 (or true / false, yes / no, on / off).")
+    from .executors.cpu import PATHS
+
     path = os.environ.get("SPARSIFY_CPU_PATH")
-    if path and path not in _CPU_PATHS:
-        raise ValueError(f"SPARSIFY_CPU_PATH={path!r}: expected one of {', '.join(_CPU_PATHS)} (or unset, to let "
+    if path and path not in PATHS:
+        raise ValueError(f"SPARSIFY_CPU_PATH={path!r}: expected one of {', '.join(PATHS)} (or unset, to let "
                          "the cost model choose).")
     t = os.environ.get("SPARSIFY_DIST_TIMEOUT")
     if t is not None:

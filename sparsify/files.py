@@ -365,7 +365,7 @@ def fsync_dir(path: Path) -> None:
 
 def not_a_file(p: str | os.PathLike) -> str:
     """Why ``p`` cannot be read as a file, for a message: ``"no such file"``, ``"is a folder, not a file"``,
-    or ``"is not a regular file (a FIFO, socket or device)"``.
+    or ``"is not a regular file (a FIFO)"`` (the kind as :func:`_describe_kind` names it).
 
     Example:
         >>> not_a_file("/no/such/path"), not_a_file("/")
@@ -377,7 +377,7 @@ def not_a_file(p: str | os.PathLike) -> str:
         return "no such file"
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
-    return "is not a regular file (a FIFO, socket or device)"
+    return f"is not a regular file ({_describe_kind(mode)})"
 
 
 def is_regular_file(p: Path) -> bool:

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import threading
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..environment import switch
 from .cache import atomic_write, cache_disabled, cache_root, read_private
 
 __all__ = ["Autotuner", "autotune_enabled", "m_bucket"]
@@ -39,7 +39,7 @@ TIMED_RUNS = 5
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("SPARSIFY_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch("SPARSIFY_AUTOTUNE", True)
 
 
 def m_bucket(m: int) -> int:

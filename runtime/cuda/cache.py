@@ -68,7 +68,9 @@ def cache_root() -> Path:
 
 
 def cache_disabled() -> bool:
-    return os.environ.get("SPARSIFY_DISABLE_CACHE", "").strip().lower() in ("1", "true", "yes", "on")
+    from ..environment import switch
+
+    return switch("SPARSIFY_DISABLE_CACHE", False)
 
 
 def _not_private(st: os.stat_result, what: str, path: Path) -> str | None:

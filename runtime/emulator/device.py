@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
@@ -134,7 +133,9 @@ def _factory(device: torch.device):
 
 
 def enabled() -> bool:
-    return os.environ.get(EMULATE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    from ..environment import switch
+
+    return switch(EMULATE_ENV, False)
 
 
 def register() -> None:

@@ -7,8 +7,7 @@ with fake implementations and autograd; :mod:`.cpu` is the reference executor
 and :mod:`.cuda` the NVRTC kernels.  Nothing here imports passes or the API.
 """
 
-import os as _os
-
+from ..environment import switch as _switch
 from . import ops as _ops  # noqa: F401  (registers torch.ops.sparsify.spatial_*)
 from .coords import (
     CoordinateIndex,
@@ -49,7 +48,7 @@ def use_emulator(enable: bool = True) -> None:
     register_spatial_executor("cpu", factory)
 
 
-if _os.environ.get("SPARSIFY_EMULATE_CUDA", "").strip().lower() in ("1", "true", "yes", "on"):
+if _switch("SPARSIFY_EMULATE_CUDA", False):
     use_emulator(True)
 
 __all__ = [
