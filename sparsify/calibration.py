@@ -90,7 +90,7 @@ class CalibrationWarning(UserWarning):
 
 
 # ------------------------------------------------------------------------------ batches
-def _batch(item: Any, i: int, where: str) -> tuple[tuple, dict]:
+def _batch(item: Any, i: int, where: str, check_nan: bool = True) -> tuple[tuple, dict]:
     if isinstance(item, torch.Tensor):
         out: tuple[tuple, dict] = (item,), {}
     elif isinstance(item, Mapping):
@@ -106,7 +106,8 @@ def _batch(item: Any, i: int, where: str) -> tuple[tuple, dict]:
         raise ValueError(f"{where}: batch {i} is a {type(item).__name__}; expected a tensor, a tuple of the "
                          "model's positional inputs, or a dict of its keyword inputs.")
     # NaN is never an input (an additive mask may hold -inf, so infinities are left to the statistics' check)
-    for name, t in [(str(k), v) for k, v in enumerate(out[0])] + list(out[1].items()):
+    named = [(str(k), v) for k, v in enumerate(out[0])] + list(out[1].items()) if check_nan else []
+    for name, t in named:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(torch.isnan(t).any()):
             raise ValueError(f"{where}: batch {i}, input {name!r} holds NaN; calibration data must be numbers. "
                              "Fix or drop that batch.")
@@ -140,7 +141,8 @@ class CalibrationData:
 
     def batches(self, device: torch.device | None = None) -> Iterator[tuple[tuple, dict]]:
         for i, item in enumerate(self._source):
-            args, kwargs = _batch(item, i, self.where)
+            # a list was checked whole by as_batches: only a lazy source's batches are scanned as read
+            args, kwargs = _batch(item, i, self.where, check_nan=not isinstance(self._source, (list, tuple)))
             yield _to(args, device), _to(kwargs, device)
 
     def first(self, device: torch.device | None = None) -> tuple[tuple, dict]:
