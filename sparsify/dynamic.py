@@ -11,7 +11,8 @@ among those not stored, so its density stays fixed:
   ``dy^T x``, computed a chunk of block rows at a time (at most
   ``SCORE_BYTES``) and reduced to block norms at once.  A weight called
   several times before a backward (shared, called twice, several losses
-  summed) is scored on the sum over its calls, the gradient autograd
+  summed), or backpropagated several times through one retained graph, is
+  scored on the sum over its calls and backwards, the gradient autograd
   accumulates; under gradient accumulation (a backward per micro-batch) on the
   last micro-batch's, so at most two micro-batches' operands are held.
 
@@ -24,7 +25,9 @@ state of the values whose first dimension is the block count (Adam's
 ``row_var`` / ``col_var``) follows the surviving blocks and is zero for the new
 ones, as is ``values.grad``; scalars (``step``) stay, and other per-parameter
 state is refused before any layout changes.  The optimizer must be one that
-holds the block-sparse ``values`` (built after conversion).  Layouts change in
+holds the block-sparse ``values`` of every weight the helper manages (built
+after conversion); to train and manage only part of a model, give the helper
+that submodule.  Layouts change in
 place: the ``values`` parameters keep their identity and shape, so the
 optimizer, DDP and any references stay valid.  ``state_dict()`` /
 ``load_state_dict()`` save and restore the settings and the position in the
@@ -242,7 +245,7 @@ class _Recorder:
         self.calls.setdefault(id(module), []).append(call)
 
         def save(g, call=call):
-            # a second backward through a retained graph accumulates, as .grad does
+            # a second backward through a retained graph accumulates, as .grad does (the LSTM's hook as well)
             call["dy"] = g.detach() if "dy" not in call else call["dy"] + g.detach()
             if call["round"] == self.round:
                 self._round_has_grad = True
@@ -388,12 +391,24 @@ class DynamicSparsity:
                                 "per-block state moves with the blocks), or None to move no optimizer state. Got "
                                 f"{got}; build one first, e.g. torch.optim.Adam(model.parameters()).")
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if not any(id(mod.values) in held for _, mod in self.targets):
+            lacking = [name for name, mod in self.targets if id(mod.values) not in held]
+            if len(lacking) == len(self.targets):
                 raise ValueError(
                     f"{where}: the optimizer holds none of the model's block-sparse values parameters, so they would "
                     "never train and their optimizer state could not follow the blocks (an optimizer built on the "
                     "model before sparsify.sparsify() holds the replaced dense weights). Build the optimizer from "
                     "the converted model's parameters, e.g. torch.optim.Adam(model.parameters()).")
+            if lacking:
+                # a layer pruned and regrown but never trained keeps its grown blocks at zero: it only loses weights
+                shown = ", ".join(repr(n) for n in lacking[:8]) + (
+                    f" and {len(lacking) - 8} more" if len(lacking) > 8 else "")
+                raise ValueError(
+                    f"{where}: the optimizer lacks the block-sparse values of {len(lacking)} of the "
+                    f"{len(self.targets)} layers this helper manages: {shown}. Those layers would be pruned and "
+                    "regrown, their grown blocks left at zero, but never trained. Build the optimizer after "
+                    "conversion over model.parameters() (or add param groups for those layers' values), or give "
+                    f"{where} only the part of the model the optimizer trains: it manages every block-sparse weight "
+                    f"of the module it is given, e.g. {where}(model.decoder, optimizer).")
         self.model_ref = weakref.ref(model)
         self.optimizer = optimizer
         self.mode, self.update_every, self.drop_fraction = mode, update_every, float(drop_fraction)

@@ -7,7 +7,10 @@ Properties:
   keep their values and their Adam moments; the values parameter keeps its identity;
 * RigL's blockwise scores equal the block norms of the dense gradient that
   autograd computes for the dense reference (Linear, Conv2d, LSTM), and RigL
-  grows the top-scored blocks;
+  grows the top-scored blocks; several calls, or several backwards through one
+  retained graph, are scored on the summed gradient;
+* an optimizer lacking the values of any layer the helper manages is refused,
+  naming those layers;
 * decisions are a function of the seed; under torch.distributed rank 0's
   masks are adopted everywhere.
 """
@@ -305,6 +308,55 @@ def test_rigl_scores_sum_every_call_of_the_last_backward(calls, batches, summed,
     assert held == [calls * (batches if summed else min(batches, 2))] * 3  # one round, or the last two
 
 
+class StackedLSTM(nn.Module):
+    """A two-layer bidirectional LSTM: four cells, each with its own recorded input-projection gradient
+    (``calls`` is unused: the constructor takes ``Shared``'s arguments)."""
+
+    def __init__(self, calls: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lstm = BlockSparseLSTM(12, 12, num_layers=2, bidirectional=True, density=0.5, block_size=4, seed=seed,
+                                    batch_first=True)
+
+    def forward(self, x):  # x [N, T, 12]
+        out = self.lstm(x)[0]
+        return out[..., :12] + out[..., 12:]  # both directions reach the loss
+
+    def dense(self) -> nn.Module:
+        ref = copy.copy(self)
+        ref._modules = dict(self._modules)
+        ref.lstm = self.lstm.to_dense_module()
+        return ref
+
+
+@settings(max_examples=8, deadline=None)
+@given(net=st.sampled_from([Shared, StackedLSTM]), calls=st.integers(1, 2), backwards=st.integers(2, 3),
+       same_loss=st.booleans(), seed=st.integers(0, 99))
+def test_rigl_scores_sum_every_backward_through_one_graph(net, calls, backwards, same_loss, seed):
+    """Several backwards through one retained graph (the same loss again, or several losses of one forward,
+    each backpropagated on its own) are scored on the sum of their gradients, as autograd accumulates .grad."""
+    model = net(calls, seed).double()
+    rigl = RigL(model, torch.optim.SGD(model.parameters(), lr=0.0), update_every=1)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 12, generator=gen, dtype=torch.float64)
+    targets = [torch.randn(2, 4, 12, generator=gen, dtype=torch.float64) for _ in range(backwards)]
+
+    def backward_each(m):
+        y = m(x)
+        for i in range(backwards):
+            (y - targets[0 if same_loss else i]).pow(2).sum().backward(retain_graph=i < backwards - 1)
+
+    backward_each(model)
+    ref = model.dense()
+    ref.zero_grad()
+    backward_each(ref)  # .grad is the sum over the backwards
+    checks = [(w, ref.lstm.get_parameter(n).grad, False) for n, w in model.lstm.named_children()]
+    if net is Shared:
+        checks += [(model.fc, ref.fc[0].weight.grad, False), (model.conv, ref.conv[0].weight.grad.unsqueeze(2), True)]
+    for mod, grad, taps in checks:
+        assert rel_err(rigl.recorder.scores(mod), _dense_block_norms(grad, mod.layout, taps)) < 1e-10
+
+
 def _checkpoint(*states):
     buf = io.BytesIO()
     torch.save(states, buf)
@@ -417,6 +469,23 @@ def test_the_optimizer_must_be_one_that_trains_the_block_sparse_values():
         with pytest.raises(ValueError, match="holds none of the model's block-sparse values.*before sparsify"):
             helper(model, before_conversion)
         helper(model, torch.optim.Adam(model.parameters())).remove()
+
+
+@pytest.mark.parametrize("helper", [RigL, SET])
+def test_the_optimizer_must_train_every_layer_the_helper_manages(helper):
+    """An optimizer lacking some managed layers' values is refused, naming them (they would be pruned and
+    regrown but never trained); giving the helper only the part of the model the optimizer trains is fine."""
+    model = Net(0)
+    frozen_lstm = [p for n, p in model.named_parameters() if not n.startswith("lstm.")]
+    with pytest.raises(ValueError, match=r"lacks the block-sparse values of 2 of the 4 layers this helper manages: "
+                                         r"'lstm\.weight_ih_l0', 'lstm\.weight_hh_l0'\..*never trained.*"
+                                         r"model\.parameters\(\).*only the part of the model") as info:
+        helper(model, torch.optim.Adam(frozen_lstm))
+    assert "'conv'" not in str(info.value) and "'fc'" not in str(info.value)
+    helper(model.lstm, torch.optim.Adam(model.lstm.parameters())).remove()  # manages the LSTM's weights only
+    groups = [{"params": m.parameters(), "lr": lr} for m, lr in ((model.conv, 1e-3), (model.lstm, 1e-2), (model.fc, 0))]
+    helper(model, torch.optim.SGD(groups)).remove()  # every managed layer in some group
+    helper(model.fc, torch.optim.Adam(model.parameters())).remove()  # more than the managed layers
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

@@ -24,6 +24,7 @@ exactly what ``nn.LSTM`` does with the same weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Sequence
@@ -46,6 +47,13 @@ def _sub_seed(seed: int, *parts: object) -> int:
     """A seed for one weight, derived from the layer's seed and its position (stable across runs)."""
     h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def _accumulate_dxproj(record: dict, grad: torch.Tensor) -> None:
+    """RigL's hook on a cell's input projection (``sparsify.dynamic``): a second backward through a retained
+    graph adds to the recorded gradient, as ``.grad`` accumulates and as the Linear / conv hooks sum ``dy``."""
+    g = grad.detach()
+    record["dxproj"] = g if "dxproj" not in record else record["dxproj"] + g
 
 
 def lstm_layouts(
@@ -300,7 +308,7 @@ class BlockSparseLSTM(nn.Module):
                     xproj_a, h0k, c0k, hh_values, *[getattr(hh, m) for m in META_NAMES])
                 if rec is not None and xproj.requires_grad:  # dynamic sparsity (RigL) records its operands
                     r = rec[k] = {"x": seq.detach(), "h0": h0[k].detach(), "hs": hs.detach()}
-                    xproj.register_hook(lambda g, r=r: r.__setitem__("dxproj", g.detach()))
+                    xproj.register_hook(functools.partial(_accumulate_dxproj, r))
                 outs.append(hs if d == 0 else hs.flip(0))
                 h_n.append(hs[-1])
                 c_n.append(cs[-1])
