@@ -128,8 +128,10 @@ def _describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_regular(folder: str | os.PathLike, name: str, *, max_bytes: int, what: str) -> bytes:
+def read_regular(folder: str | os.PathLike, name: str, *, max_bytes: int, what: str, head: bool = False) -> bytes:
     """The bytes of the regular file ``folder/name`` (no symlinks, devices or FIFOs; at most ``max_bytes``).
+    With ``head=True``, its first ``max_bytes`` bytes (fewer if it is shorter) however large it is, instead
+    of refusing a larger file.
 
     Example:
         >>> import tempfile, os
@@ -157,7 +159,7 @@ def read_regular(folder: str | os.PathLike, name: str, *, max_bytes: int, what: 
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{where} is {_describe_kind(st.st_mode)}, not a regular file; sparsify reads "
                              "only regular files inside an artifact. Replace it with the real file.")
-        if st.st_size > max_bytes:
+        if st.st_size > max_bytes and not head:
             raise InputError(f"{where}: {st.st_size} bytes, more than the {max_bytes} a {what} may have; "
                              "refusing to read it.")
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -172,11 +174,11 @@ def read_regular(folder: str | os.PathLike, name: str, *, max_bytes: int, what: 
             fst = os.fstat(fd)
             if not stat.S_ISREG(fst.st_mode) or (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev):
                 raise InputError(f"{where} changed while it was being opened; refusing it.")
-            if fst.st_size > max_bytes:
+            if fst.st_size > max_bytes and not head:
                 raise InputError(f"{where}: {fst.st_size} bytes, more than the {max_bytes} a {what} may have.")
             chunks, total = [], 0
-            while True:
-                b = os.read(fd, min(_CHUNK, max_bytes + 1 - total))
+            while not (head and total >= max_bytes):
+                b = os.read(fd, min(_CHUNK, max_bytes + (0 if head else 1) - total))
                 if not b:
                     break
                 chunks.append(b)

@@ -140,10 +140,9 @@ def is_report(path: Path) -> bool:
     """
     first = _FIRST_LINE[".html" if path.suffix.lower() in (".html", ".htm") else ".md"]
     try:
-        head = _files.read_regular(path.parent, path.name, max_bytes=1 << 30, what="report")[:len(first)]
+        return _files.read_regular(path.parent, path.name, max_bytes=len(first), what="report", head=True) == first
     except InputError:
         return False
-    return head == first
 
 
 def _linked_pictures(report: Path, d: Path) -> list[str] | None:

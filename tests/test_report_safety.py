@@ -246,6 +246,43 @@ def test_force_keeps_a_markdown_file_that_only_mentions_the_marker(tmp_path, cap
     assert mine.read_text() == text
 
 
+def _bytes_read(monkeypatch) -> list[int]:
+    """Every ``os.read`` from now on, by the bytes it returned."""
+    import os
+
+    got: list[int] = []
+    real = os.read
+
+    def counting(fd, n):
+        b = real(fd, n)
+        got.append(len(b))
+        return b
+
+    monkeypatch.setattr(os, "read", counting)
+    return got
+
+
+@pytest.mark.parametrize("suffix", [".md", ".html"])
+def test_whether_a_file_is_a_report_is_read_from_its_head_alone(tmp_path, monkeypatch, suffix):
+    from sparsify.html_report import _FIRST_LINE, is_report
+
+    first = _FIRST_LINE[suffix]
+    ours, theirs = tmp_path / f"ours{suffix}", tmp_path / f"theirs{suffix}"
+    # sparse files (no disk used): ours larger than any whole-file read accepts, theirs merely large
+    for p, head, size in ((ours, first, (1 << 30) + 1), (theirs, b"# my notes, " + b"x" * len(first), 64 << 20)):
+        with open(p, "wb") as f:
+            f.write(head)
+            f.truncate(size)
+    got = _bytes_read(monkeypatch)
+    assert not is_report(theirs) and sum(got) <= len(first)  # the marker's length of bytes, nothing more
+    assert is_report(ours) and sum(got) <= 2 * len(first)
+    (tmp_path / "link.md").symlink_to(ours)
+    assert not is_report(tmp_path / "link.md")  # a link to a report is still not replaced
+    import os
+    os.mkfifo(tmp_path / "fifo.md")
+    assert not is_report(tmp_path / "fifo.md")  # and a FIFO neither hangs nor counts
+
+
 def test_force_keeps_a_pictures_folder_no_report_of_ours_links(tmp_path, capsys):
     nb = tmp_path / "analysis_files"  # nbconvert's pictures, and no analysis.md
     nb.mkdir()
