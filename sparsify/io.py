@@ -21,7 +21,8 @@ replaces anything, so a crash or Ctrl-C never leaves a half-written OUT and a fo
 that appears at OUT meanwhile is never touched (see sparsify.files).  Loading reads
 only regular files inside the folder, parses JSON and safetensors within limits,
 validates the manifest field by field (sparsify.manifest) and never unpickles,
-imports or evaluates anything named in a file.  ``load`` rebuilds the model
+imports or evaluates anything named in a file; text from the artifact that an error
+quotes is made printable (sparsify.report.printable).  ``load`` rebuilds the model
 
 * from the stored program (no source needed; an inference module),
 * for a Hugging Face model, from its config and class, found only in transformers'
@@ -49,6 +50,7 @@ from . import files as _files
 from .errors import InputError
 from .manifest import MAX_MANIFEST_BYTES, MAX_PROGRAM_BYTES, MAX_TENSOR_ENTRIES, validate_manifest
 from .model_spec import ARTIFACT_MANIFEST, InputSpec, ModelSpec, make_inputs, parse_model
+from .report import printable
 
 __all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION", "check_output_path", "check_output_file",
            "artifact_files", "stage_artifact", "write_file"]
@@ -450,7 +452,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     v = m.get("format_version")
     if isinstance(v, int) and not isinstance(v, bool) and v > SHARDED_FORMAT_VERSION:
         raise InputError(f"{path} was written in artifact format version {v} by sparsify "
-                         f"{str(m.get('sparsify_version', '?'))[:20]}; this sparsify reads up to version "
+                         f"{printable(str(m.get('sparsify_version', '?'))[:20])}; this sparsify reads up to version "
                          f"{SHARDED_FORMAT_VERSION}. Upgrade sparsify to load it.")
     return validate_manifest(m, str(path))
 
@@ -513,7 +515,7 @@ def _load_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tenso
         try:
             tensors = st_load(data)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}).") from None
+            raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({printable(exc)}).") from None
         del data
     for alias, src in w.get("aliases", {}).items():
         tensors[alias] = tensors[src]
@@ -541,7 +543,7 @@ def _load_shards(path: Path, w: dict[str, Any]) -> dict[str, torch.Tensor]:
         try:
             tensors.update(st_load(data))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path / name}: not a readable safetensors file ({exc}).") from None
+            raise InputError(f"{path / name}: not a readable safetensors file ({printable(exc)}).") from None
         del data
     return tensors
 
@@ -619,13 +621,13 @@ def _check_hf_fits(skeleton: nn.Module, manifest: dict[str, Any], where: str) ->
         want = shapes.get(name)
         if want is not None:
             if tuple(t.shape) != want:
-                raise InputError(f"{where}: the config builds {name} of shape {list(t.shape)}, but the saved "
+                raise InputError(f"{where}: the config builds {printable(name)} of shape {list(t.shape)}, but the saved "
                                  f"weights hold it as {list(want)}: the config does not belong to these weights "
                                  "(the manifest was edited, or the artifact is corrupted).")
             continue
         owner = name.rpartition(".")[0]
         if owner not in converted and owner not in folded:
-            raise InputError(f"{where}: the config builds {name} ({list(t.shape)}), which the saved weights do "
+            raise InputError(f"{where}: the config builds {printable(name)} ({list(t.shape)}), which the saved weights do "
                              "not hold and no converted layer explains: the config does not belong to these "
                              "weights (the manifest was edited, or the artifact is corrupted).")
 
@@ -672,7 +674,7 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         config = SparsifyConfig(rules=rules, min_size=0, fold_batchnorm=fold if isinstance(fold, bool) else True,
                                 fuse_epilogues=fuse if isinstance(fuse, bool) else True, dense_if_larger=False)
     except (ValueError, TypeError) as exc:
-        raise InputError(f"{where}: the saved plan cannot be replayed: {exc}") from None
+        raise InputError(f"{where}: the saved plan cannot be replayed: {printable(exc)}") from None
     inputs = _replay_inputs(manifest, where)
     model = _to_saved_dtype(model, manifest)
     model.train(bool(manifest.get("training", False)))
@@ -682,7 +684,7 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
             # No check against densify here: the weights it would check are replaced just below.
             rebuilt = sparsify(model, config, example_inputs=inputs, inplace=True, check=False)
         except ValueError as exc:
-            raise InputError(f"{where}: the model does not fit the artifact: {exc}") from exc
+            raise InputError(f"{where}: the model does not fit the artifact: {printable(exc)}") from exc
     new = rebuilt._sparsify_plan.decisions
     key = lambda d: (d["name"], d["method"], list(d["weight_shape"]))  # noqa: E731
     old_k = [key(d) for d in saved]
@@ -709,7 +711,7 @@ def _rebuild(manifest: dict[str, Any], model: nn.Module, tensors: dict[str, torc
         rebuilt.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise InputError(f"{where}: the saved weights do not fit the model: "
-                         f"{str(exc).strip().splitlines()[-1].strip()}") from exc
+                         f"{printable(str(exc).strip().splitlines()[-1].strip())}") from exc
     rebuilt.train(bool(manifest.get("training", False)))
     _attach_plan(rebuilt, manifest)  # the original decisions and reasons, not the replay's
     return rebuilt
@@ -778,11 +780,14 @@ def load(
         where = f"{path}/{ARTIFACT_MANIFEST}: field hf"
         # The config is read from the file: check on the meta device (no memory) that it builds the model
         # whose weights the artifact holds, before building it for real.
-        with torch.device("meta"):
-            skeleton = build_hf_model(h["config"], h["class"], where, seed=None)
-        _check_hf_fits(skeleton, manifest, where)
-        del skeleton
-        model = build_hf_model(h["config"], h["class"], where, seed=int(spec.get("seed", 0)))
+        try:
+            with torch.device("meta"):
+                skeleton = build_hf_model(h["config"], h["class"], where, seed=None)
+            _check_hf_fits(skeleton, manifest, where)
+            del skeleton
+            model = build_hf_model(h["config"], h["class"], where, seed=int(spec.get("seed", 0)))
+        except InputError as exc:  # transformers' own message may quote the recorded config's text
+            raise InputError(printable(exc)) from exc.__cause__
         return _rebuild(manifest, model, _load_tensors(p, manifest), str(path), maker="its recorded config")
     if factory is None:
         raise InputError(f"load({str(path)!r}, source='factory') needs factory=: the recorded one is "
@@ -815,8 +820,8 @@ def _load_program(p: Path, manifest: dict[str, Any]) -> nn.Module:
 
     spec = manifest.get("model") or {}
     rec = spec.get("target_abs") or spec.get("target")
-    hint = (f" It was converted from {rec}: if you trust this artifact, pass that factory: "
-            f"sparsify.load({str(p)!r}, factory={rec!r}) (CLI: --factory {rec}).") if rec and spec.get(
+    hint = (f" It was converted from {printable(rec)}: if you trust this artifact, pass that factory: "
+            f"sparsify.load({str(p)!r}, factory={rec!r}) (CLI: --factory {printable(rec)}).") if rec and spec.get(
         "kind") == "factory" else " Pass the factory that builds the original model: sparsify.load(path, factory=...)."
     if manifest["format_version"] < 2 and manifest.get("exported"):
         raise InputError(f"{p} stores its program in format 1 (torch's private serde JSON), which sparsify no "
@@ -825,7 +830,7 @@ def _load_program(p: Path, manifest: dict[str, Any]) -> nn.Module:
                          "factory=...), NEW_PATH, example_inputs=...) (CLI: sparsify convert MODEL -o NEW_PATH).")
     entry = manifest.get("program")
     if not entry:
-        why = manifest.get("program_note") or manifest.get("exported_note") or "it was saved without one"
+        why = printable(manifest.get("program_note") or manifest.get("exported_note") or "it was saved without one")
         raise InputError(f"{p} has no stored program ({why}), so it must be rebuilt from the original model's "
                          f"factory.{hint}")
     data = _files.read_regular(p, PROGRAM_FILE, max_bytes=MAX_PROGRAM_BYTES, what="program")
@@ -849,6 +854,6 @@ def _load_program(p: Path, manifest: dict[str, Any]) -> nn.Module:
     try:
         module = build_program(doc, picked)
     except InputError as exc:
-        raise InputError(f"{p}/{exc}") from None
+        raise InputError(f"{p}/{printable(exc)}") from None
     _attach_plan(module, manifest)
     return module

@@ -7,7 +7,10 @@ object belongs, a number out of range or a string too long is an
 (``manifest.json: field weights.bytes: expected an integer in [0, ...], got '5'``).
 Keys this sparsify does not know are allowed (a newer writer may add optional
 ones) but still bounded: the JSON parser has already refused deep nesting and
-files over :data:`MAX_MANIFEST_BYTES`.
+files over :data:`MAX_MANIFEST_BYTES`.  What a message quotes from the manifest
+(a value, a key in the field's path) is quoted printable (``repr``,
+:func:`sparsify.report.printable`): a crafted manifest puts no terminal escape or
+newline into an error.
 
 Example:
     >>> validate_manifest({"format": "sparsify.artifact", "format_version": "2"}, "m")
@@ -23,6 +26,7 @@ import re
 from typing import Any
 
 from .errors import InputError
+from .report import printable
 
 __all__ = ["validate_manifest", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_TENSOR_ENTRIES", "Spec"]
 
@@ -44,7 +48,8 @@ class Spec:
             "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__)
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        return InputError(f"{where}/manifest.json: field {path}: {why or 'expected ' + self.desc}, got {shown}")
+        return InputError(f"{where}/manifest.json: field {printable(path)}: {why or 'expected ' + self.desc}, "
+                          f"got {shown}")
 
 
 class Json(Spec):
@@ -164,12 +169,13 @@ class Obj(Spec):
             raise self.fail(v, path, where)
         for k in self.required:
             if k not in v:
-                raise InputError(f"{where}/manifest.json: field {path + '.' if path else ''}{k}: missing")
+                raise InputError(f"{where}/manifest.json: field {printable(f'{path}.{k}' if path else k)}: missing")
         for k, x in v.items():
             spec = self.fields.get(k)
             if spec is None:
                 if self.closed:
-                    raise InputError(f"{where}/manifest.json: field {path + '.' if path else ''}{k}: unknown key")
+                    raise InputError(f"{where}/manifest.json: field {printable(f'{path}.{k}' if path else k)}: "
+                                     "unknown key")
                 continue
             spec.check(x, f"{path}.{k}" if path else k, where)
         return v
@@ -304,6 +310,6 @@ def validate_manifest(m: Any, where: str) -> dict[str, Any]:
     _check_shards(w, where)
     for alias, src in (w.get("aliases") or {}).items():
         if src not in w["tensors"]:
-            raise InputError(f"{where}/manifest.json: field weights.aliases.{alias}: names {src!r}, which is not a "
-                             "stored tensor")
+            raise InputError(f"{where}/manifest.json: field weights.aliases.{printable(alias)}: names {src!r}, "
+                             "which is not a stored tensor")
     return m

@@ -265,6 +265,63 @@ def test_file_kinds(base, tmp_path, capsys, monkeypatch, name, kind):
     _check_outcome(art, x, y, capsys, same_model=False, full=False)
 
 
+def _controls(text: str) -> list[str]:
+    import unicodedata
+
+    return [c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in "\u202a\u202b\u202d\u202e"]
+
+
+def _first_tensor(m: dict) -> str:
+    return next(iter(m["weights"]["tensors"]))
+
+
+def _no_program(m: dict, text: str) -> None:
+    del m["program"]
+    m["program_note"] = text
+    m["model"]["target"] = m["model"]["target_abs"] = text
+
+
+def _replayed_layout(m: dict, text: str) -> None:
+    d = next(d for d in m["plan"]["decisions"] if d["method"] == "block_sparse")
+    d["params"]["layout"] = text
+
+
+#: Where a manifest's text reaches an error message: a key in a field's path (checked values, unknown and
+#: missing keys, aliases), the writer's version, the program note and recorded factory, a replayed parameter.
+QUOTED = {
+    "bad value under a key": lambda m, t: m["layouts"].__setitem__(t, "not an object"),
+    "unknown key": lambda m, t: m["weights"]["tensors"][_first_tensor(m)].__setitem__(t, 1),
+    "missing key under a key": lambda m, t: m["weights"]["tensors"].__setitem__(t, {"shape": [1]}),
+    "alias": lambda m, t: m["weights"].setdefault("aliases", {}).__setitem__(t, "no such tensor"),
+    "newer writer": lambda m, t: m.update(format_version=999, sparsify_version=t),
+    "no program": _no_program,
+    "replayed layout": _replayed_layout,
+}
+terminal_text = st.lists(st.sampled_from(["\x1b[2J", "\x1b]0;pwned\x07", "\n", "\r", "\x9b31m", "\u2028", "\u202e",
+                                          "\x00", "\x7f", "fc"]) | st.text(max_size=3), min_size=1, max_size=5).map(
+    lambda parts: "".join(parts) + "\x1b[2J")
+
+
+@pytest.mark.parametrize("place", sorted(QUOTED))
+@settings(max_examples=examples(3), **FUZZ)
+@given(text=terminal_text)
+def test_errors_quote_an_artifacts_text_printable(base, tmp_path, capsys, place, text):
+    """Whatever text a manifest puts where an error quotes it, the error holds no control character."""
+    art_base, _, _ = base
+    art = _copy(art_base, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    QUOTED[place](m, text)
+    (art / "manifest.json").write_text(json.dumps(m))
+    factory = f"{ZOO}:mlp" if place == "replayed layout" else None
+    with pytest.raises(InputError) as exc:
+        sparsify.load(art, factory, factory_args={"hidden": 128} if factory else None)
+    assert not _controls(str(exc.value)), str(exc.value)
+    if place != "replayed layout":  # inspect reads only the manifest
+        capsys.readouterr()
+        assert main(["inspect", str(art)]) in (0, 2)
+        assert not _controls(capsys.readouterr().err.replace("\n", ""))
+
+
 toml_value = st.one_of(st.booleans(), st.integers(-3, 2**40), st.floats(allow_nan=True, allow_infinity=True),
                        st.sampled_from(["false", "no", "yes", "32", "block_sparse", "low_rank", "*", CODE[0]]),
                        st.lists(st.integers(0, 64), max_size=3))
