@@ -12,11 +12,15 @@ Properties:
 * the MinkUNet example trains for a few iterations (loss falls) with only the import changed;
 * the layers re-trace: a model using them runs under ``torch.compile`` eager backend;
 * coordinates a map cannot hold (NaN, +-inf, outside int32, a quantization_size that is not
-  finite and positive or too small) raise a ValueError naming the row and column; nothing wraps.
+  finite and positive or too small) raise a ValueError naming the row and column; nothing wraps;
+* a negative batch index is refused at construction, naming its row and value (it is no item
+  of the batch, and would otherwise become a batch of its own).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -305,6 +309,29 @@ def test_two_far_points_are_refused_not_merged():
     coords = torch.tensor([[0.0, 1e12, 0.0], [0.0, -1e12, 0.0]], dtype=torch.float64)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"row 0, column 1 is 1000000000000.0.*2 rows"):
         ME.SparseTensor(torch.ones(2, 1), coords)
+
+
+@given(st.integers(1, 20), st.integers(1, 3), st.sampled_from([torch.int32, torch.int64, torch.float64]), st.data())
+def test_a_negative_batch_index_is_refused_naming_its_row(n, d, dtype, data):
+    coords = torch.zeros(n, 1 + d, dtype=dtype)
+    coords[:, 1] = torch.arange(n)
+    bad = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1), label="rows"))
+    v = data.draw(st.integers(-(2**31), -1) if not dtype.is_floating_point else st.sampled_from([-1.0, -0.5, -7.25]),
+                  label="batch index")
+    coords[bad, 0] = v
+    shown = math.floor(v)  # SparseTensor floors float coordinates (with a warning) before checking them
+    more = f" \\({len(bad)} rows are affected\\)" if len(bad) > 1 else ""
+    with pytest.warns(UserWarning) if dtype.is_floating_point else contextlib.nullcontext():
+        with pytest.raises(ValueError, match=rf"SparseTensor: row {bad[0]} has batch index {shown}\b.*>= 0{more}, "
+                                             "since.*batched_coordinates"):
+            ME.SparseTensor(torch.ones(n, 1), coords)
+    with pytest.raises(ValueError, match=rf"TensorField: row {bad[0]} has batch index {v!r}"):
+        ME.TensorField(torch.ones(n, 1), coordinates=coords)
+    if not dtype.is_floating_point:
+        with pytest.raises(ValueError, match=rf"insert_and_map: row {bad[0]} has batch index {v}\b"):
+            CoordinateManager(D=d).insert_and_map(coords)
+    coords[bad, 0] = 0  # batch 0 is a batch
+    assert ME.SparseTensor(torch.ones(n, 1), coords.int()).C.shape[0] == n
 
 
 @pytest.mark.parametrize("q", [float("nan"), float("inf"), 0.0, -0.5, [0.1, float("nan"), 0.1]])

@@ -43,6 +43,7 @@ __all__ = [
     "CoordinateMap",
     "KernelMap",
     "build_kernel_map",
+    "check_batch_indices",
     "check_coordinate_range",
     "check_coordinates",
     "expand_region",
@@ -108,6 +109,34 @@ def check_coordinates(coords: torch.Tensor, where: str) -> None:
             "(sparsify.spatial.utils.sparse_quantize, or a TensorField)."
         )
     check_coordinate_range(coords, where)
+    check_batch_indices(coords, where)
+
+
+def check_batch_indices(coords: torch.Tensor, where: str) -> None:
+    """Raise a ValueError naming the first row of ``coords`` ``[N, 1 + D]`` whose batch index (column 0;
+    floored, for floating input) is negative.  Batch indices number the items of a batch 0, 1, ...;
+    a negative one is no item, yet would be kept as a batch of its own (decomposition, pooling,
+    ``dense``).  One pass over the batch column; NaN is left to :func:`check_coordinate_range`.
+
+    Example:
+        >>> check_batch_indices(torch.tensor([[0, 5], [-1, 2]]), "here")
+        Traceback (most recent call last):
+            ...
+        ValueError: here: row 1 has batch index -1 (column 0 of the coordinates); batch indices must be >= 0...
+    """
+    if coords.dim() != 2 or coords.shape[0] == 0 or coords.dtype == torch.bool:
+        return
+    b = coords[:, 0]
+    if not bool(b.min() < 0):
+        return
+    bad = b < 0
+    rows = int(bad.sum())
+    first = int(torch.nonzero(bad)[0, 0])
+    more = f" ({rows} rows are affected)" if rows > 1 else ""
+    raise ValueError(f"{where}: row {first} has batch index {b[first].item()!r} (column 0 of the coordinates); "
+                     f"batch indices must be >= 0{more}, since each value names one item of the batch and a "
+                     "negative one would become a batch of its own. Number the items 0, 1, ... "
+                     "(sparsify.spatial.utils.batched_coordinates does) or drop those rows.")
 
 
 def check_coordinate_range(coords: torch.Tensor, where: str, hint: str = _RANGE_HINT, what: str = "coordinate",

@@ -26,7 +26,12 @@ from enum import Enum
 import torch
 
 from ..runtime.spatial import CoordinateManager, CoordinateMapKey, as_stride, stride_coordinates
-from ..runtime.spatial.coords import check_coordinate_range, check_coordinates, floor_coordinates
+from ..runtime.spatial.coords import (
+    check_batch_indices,
+    check_coordinate_range,
+    check_coordinates,
+    floor_coordinates,
+)
 
 __all__ = [
     "MinkowskiAlgorithm",
@@ -300,12 +305,11 @@ class SparseTensor(_TensorBase):
             raise ValueError("SparseTensor: give coordinates or a coordinate_map_key, not both.")
         self.unique_index = self.inverse_mapping = None
         if coordinates is not None:
-            if not coordinates.dtype.is_floating_point:
-                check_coordinates(coordinates, "SparseTensor")
-            else:
+            if coordinates.dtype.is_floating_point:
                 warnings.warn("SparseTensor: coordinates implicitly converted to torch.IntTensor (floor); "
                               "use .int() to convert them yourself.", stacklevel=2)
                 coordinates = floor_coordinates(coordinates, "SparseTensor")
+            check_coordinates(coordinates, "SparseTensor")
             if features.shape[0] != coordinates.shape[0]:
                 raise ValueError(
                     f"SparseTensor: {features.shape[0]} feature rows but {coordinates.shape[0]} coordinate rows; "
@@ -511,6 +515,7 @@ class TensorField(_TensorBase):
             raise TypeError(f"TensorField: quantization_mode must be a SparseTensorQuantizationMode. Got {quantization_mode!r}.")
         if _field_id is None:  # a new field (copies of a field share its checked coordinates)
             check_coordinate_range(coordinates, "TensorField")  # sparse() floors them into int32 maps
+            check_batch_indices(coordinates, "TensorField")
         D = coordinates.shape[1] - 1
         self._manager = _manager_for(D, coordinate_manager, minkowski_algorithm)
         self._C = coordinates
