@@ -31,9 +31,13 @@ diagonal, and a rewired edge is a block far from it.
 
 Density
 -------
-All patterns keep ``pattern_blocks(R, C, density)`` blocks exactly: the
-nearest count to ``density * R * C``, but at least ``max(R, C)`` (one block
-per block row and per block column).  The graph patterns choose the
+The from-scratch patterns keep ``pattern_blocks(R, C, density)`` blocks
+exactly: the nearest count to ``density * R * C``, but at least ``max(R, C)``
+(one block per block row and per block column).  ``magnitude_layout`` keeps
+``target_blocks(R, C, density)`` exactly: at least ``R`` (one per block row),
+nothing promised per block column; so with ``C > R`` and
+``round(density * R * C) < C`` it keeps fewer blocks than the from-scratch
+patterns, otherwise the same count.  The graph patterns choose the
 generator's degree parameter (``k`` for Watts-Strogatz, ``m`` for
 Barabasi-Albert) whose mapped block count is closest to that target, then drop
 (or add) uniformly random blocks outside the diagonal to hit it exactly; the

@@ -1,9 +1,13 @@
 """From-scratch sparsity patterns: counts, coverage, determinism and the graph properties they promise.
 
 Properties:
-* every pattern keeps exactly ``pattern_blocks(R, C, density)`` blocks (so the
+* every from-scratch pattern keeps exactly ``pattern_blocks(R, C, density)`` blocks (so the
   density is within one block per block row of the request), touches every block
   row and column, and is a function of its seed;
+* the magnitude pattern keeps exactly ``target_blocks(R, C, density)``, one block per
+  block row and none promised per column: the same count unless ``C > R`` and
+  ``round(density R C) < C``, then fewer; docs/training.md says so, with an example
+  that holds;
 * Watts-Strogatz (small world): at rewire=0 a ring lattice (every block row
   keeps the same number of blocks, a band); at rewire=0.1 the average shortest
   path is close to a random pattern's and far below the lattice's at the same
@@ -16,6 +20,9 @@ kept block (i, j)), directed path lengths with scipy's BFS.
 """
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -30,12 +37,15 @@ from sparsify.patterns import (
     barabasi_albert_layout,
     layout_for,
     layout_graph,
+    magnitude_layout,
     pattern_blocks,
     random_layout,
     small_world_layout,
     stack_layouts,
+    target_blocks,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 GENERATORS = {
     "random": lambda shape, b, d, seed: random_layout(shape, b, d, seed),
     "small_world": lambda shape, b, d, seed: small_world_layout(shape, b, d, seed=seed),
@@ -88,6 +98,34 @@ def test_exact_count_coverage_and_determinism(name, grid, density, seed):
     assert bool(mask.any(dim=0).all()), "a block column lost every block"
     again = make(shape, b, density, seed)
     assert again is lay  # same pattern, so the interned layout itself
+
+
+@given(grid=grids(), density=st.floats(0.01, 1.0), seed=st.integers(0, 2**31 - 1))
+def test_magnitude_keeps_one_block_per_row_and_fewer_than_scratch_only_on_wide_sparse_grids(grid, density, seed):
+    shape, b, r, c = grid
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    mask = magnitude_layout(w, density=density, block_size=b).block_mask()
+    k = target_blocks(r, c, density)
+    assert int(mask.sum()) == k and bool(mask.any(dim=1).all())
+    scratch = pattern_blocks(r, c, density)
+    if r >= c or round(density * r * c) >= c:
+        assert k == scratch
+    else:  # wide and sparse: fewer than one block per column, so some column is empty
+        assert round(density * r * c) <= k < scratch == c and not bool(mask.any(dim=0).all())
+
+
+def test_the_training_doc_states_the_counts_the_code_keeps():
+    text = (ROOT / "docs" / "training.md").read_text()
+    density = " ".join(text.split("* **Density.**", 1)[1].split("\n* ", 1)[0].split())
+    assert "`magnitude` keeps exactly `target_blocks(R, C, density)`" in density
+    assert "`R >= C` or `round(density R C) >= C`" in density
+    ex = re.search(r"a (\d+) x (\d+) block grid at density ([\d.]+) keeps (\d+) blocks from scratch, (\d+) by "
+                   r"magnitude", density)
+    assert ex, "the Density paragraph of docs/training.md lost its worked example"
+    r, c, d, scratch, magnitude = int(ex[1]), int(ex[2]), float(ex[3]), int(ex[4]), int(ex[5])
+    b = 8
+    assert random_layout((r * b, c * b), b, d).nnz == scratch == pattern_blocks(r, c, d)
+    assert magnitude_layout(torch.randn(r * b, c * b), density=d, block_size=b).nnz == magnitude
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
