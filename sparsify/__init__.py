@@ -16,6 +16,7 @@ from .decision import Decision, Plan
 from .calibration import CalibrationWarning
 from .errors import ConversionCheckError, InputError
 from .finetune import finetune
+from .hf_save import SavePretrainedWarning
 from .io import load, save
 from .methods import METHODS
 from .modules import (
@@ -51,6 +52,7 @@ __all__ = [
     "Plan",
     "Report",
     "Rule",
+    "SavePretrainedWarning",
     "TTConv",
     "TTLinear",
     "TuckerConv",

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from . import hf_save
 from .check import check_converted, standard_attention
 from .config import SparsifyConfig
 from .decision import Decision, Plan
@@ -106,12 +107,14 @@ def sparsify(
                          "as a tuple, not a dict.")
     with standard_attention():  # the original and the converted model run the same arithmetic
         work = model if inplace else copy.deepcopy(model)
+        dense = hf_save.dense_record(work)  # what a converted HF model's save_pretrained must not pass for
         cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
         ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
                           capture_note=cap.note, planner=plan_model, progress=progress, capture=cap,
                           calibration=calib)
         out = run_passes(cap.module, ctx, PIPELINE)
         setattr(out, PLAN_ATTR, ctx.plan)
+        hf_save.guard(out, dense)
         _reflatten_rnns(out)
         _gpu_speed_note(next((p.device for p in out.parameters()), None), ctx.plan)
         if check if check is not None else (args is not None or bool(kwargs)):
@@ -259,6 +262,7 @@ def densify(module: nn.Module) -> nn.Module:
                 replaced.append(name)
     if PLAN_ATTR in out.__dict__:
         del out.__dict__[PLAN_ATTR]
+    hf_save.unguard(out)  # a dense copy saves and loads as the dense class
     _reflatten_rnns(out)
     return out
 
