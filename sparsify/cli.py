@@ -848,10 +848,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _doctor_argv(argv: list[str]) -> list[str] | None:
-    """``sparsify [--debug] doctor ARGS...``: everything after ``doctor`` is the doctor's own."""
+    """``sparsify [--debug] doctor ARGS...``: everything after ``doctor`` is the doctor's own, but
+    ``--debug`` (tracebacks), which doctor takes before or after its name as every command does."""
     for i, a in enumerate(argv):
         if a == "doctor":
-            return argv[i + 1:]
+            return [x for x in argv[i + 1:] if x != "--debug"]  # main() has already read it
         if a != "--debug":
             return None
     return None

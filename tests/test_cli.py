@@ -158,6 +158,23 @@ def test_doctor_runs(capsys):
     assert o.strip()
 
 
+@pytest.mark.parametrize("argv", [("doctor", "--debug"), ("--debug", "doctor")])
+def test_doctor_takes_debug_before_or_after_its_name(capsys, monkeypatch, argv):
+    rc, o, e = run(capsys, *argv)
+    assert rc == 0 and o.strip() and "unrecognized" not in e, e
+
+    from sparsify.runtime import doctor
+
+    def broken(argv, prog):
+        raise RuntimeError("doctor broke")
+
+    monkeypatch.setattr(doctor, "main", broken)
+    rc, _, e = run(capsys, *argv)
+    assert rc == 1 and "Traceback" in e and "doctor broke" in e, e  # --debug reached main(): a traceback
+    rc, _, e = run(capsys, "doctor")
+    assert rc == 1 and "Traceback" not in e and len(e.strip().splitlines()) == 1, e
+
+
 def test_help_and_version(capsys):
     assert run(capsys, "--help")[0] == 0
     rc, o, _ = run(capsys, "--version")
