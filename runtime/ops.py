@@ -15,6 +15,12 @@ Every op runs on the executor that :func:`executor_for` picks for the device.
 Executors may return outputs of any strides; the ops return contiguous ones,
 as their fake implementations say.  :func:`bsmm_eager` is the same forward
 without the dispatcher, for eager calls that need no autograd (see there).
+
+Under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp``) the
+ops cannot run: torch's autograd wrapper of a ``custom_op`` defines no
+``setup_context`` staticmethod, which functorch requires (pytorch/pytorch#168393,
+#179652; still so in torch 2.13).  Modules then call :func:`bsmm_composite`, the
+same product in standard differentiable torch ops (:func:`functorch_active`).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .executors import executor_for
-from .executors.cpu import ACTIVATIONS, apply_epilogue
+from .executors.cpu import ACTIVATIONS, activate, apply_epilogue
 
-__all__ = ["bsmm", "bsmm_dx", "bsmm_dw", "bsmm_eager", "eager_inference", "ACTIVATIONS", "META_NAMES"]
+__all__ = ["bsmm", "bsmm_dx", "bsmm_dw", "bsmm_eager", "bsmm_composite", "dense_from_blocks", "activate",
+           "eager_inference", "functorch_active", "ACTIVATIONS", "META_NAMES"]
 
 META_NAMES = ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 
@@ -141,13 +149,86 @@ def _forward(x, values, meta, bias, residual, out_features, in_features, activat
 
 
 def eager_inference(x: Tensor) -> bool:
-    """Whether a call may skip the op: plain tensors, grad off, nothing tracing or compiling."""
+    """Whether a call may skip the op: plain tensors with storage, grad off, nothing tracing or compiling.
+
+    ``torch.jit.trace`` must record the op, not the executor's tensor ops: the executor picks its path per
+    call and may read a cached dense weight, which a trace would bake in as a constant (a traced module
+    then ignores later weight updates, and ``check_trace``, which re-traces under ``no_grad``, sees two
+    different graphs).  Meta tensors have no data for an executor: the op's fake implementation runs."""
     return (
         type(x) is Tensor
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_compiling()  # first: dynamo folds it and never reads the checks below
+        and not x.is_meta
+        and not torch._C._is_tracing()  # torch.jit.is_tracing() without its ~120 ns wrapper
         and not torch._C._are_functorch_transforms_active()
     )
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``...) is active: then the
+    modules run the ``*_composite`` forms of the ops (module docstring).
+
+    Example:
+        >>> functorch_active(), torch.func.grad(lambda x: x.sum() * functorch_active())(torch.ones(1))
+        (False, tensor([1.]))
+    """
+    return torch._C._are_functorch_transforms_active()
+
+
+def dense_from_blocks(values: Tensor, row_indices: Tensor, col_indices: Tensor, n_block_rows: int,
+                      n_block_cols: int, shape: tuple[int, int]) -> Tensor:
+    """Blocks ``values [nnz, b, b, *taps]`` -> the dense ``[*shape, *taps]`` weight, zeros elsewhere.
+
+    Made of out-of-place ops (an index map, a gather, views), not the in-place scatter of
+    ``layout.scatter_blocks``: ``torch.vmap`` refuses an in-place write of a batched tensor into an
+    unbatched one, so this runs under every ``torch.func`` transform (per-sample gradients, stacked
+    ensembles whose weights and index buffers are batched) and differentiates like any op.
+
+    Example:
+        >>> v = torch.arange(8.0).view(2, 2, 2)   # blocks (0, 1) and (1, 0) of a 4 x 3 matrix
+        >>> dense_from_blocks(v, torch.tensor([0, 1]), torch.tensor([1, 0]), 2, 2, (4, 3))[:, :3].tolist()
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 2.0], [4.0, 5.0, 0.0], [6.0, 7.0, 0.0]]
+    """
+    nnz, b = values.shape[0], values.shape[1]
+    taps = tuple(values.shape[3:])
+    # each grid cell's block, or the appended zero block (index nnz) where none is stored
+    # (out of place: under vmap over stacked modules the index buffers are batched too)
+    cell = row_indices.long() * n_block_cols + col_indices.long()
+    slot = torch.full((n_block_rows * n_block_cols,), nnz, dtype=torch.long, device=values.device).scatter(
+        0, cell, torch.arange(nnz, device=values.device))
+    padded = F.pad(values, (0, 0) * (values.dim() - 1) + (0, 1))
+    grid = padded[slot].view(n_block_rows, n_block_cols, b, b, *taps).transpose(1, 2)
+    return grid.reshape(n_block_rows * b, n_block_cols * b, *taps)[: shape[0], : shape[1]]
+
+
+def bsmm_composite(
+    x: Tensor,
+    values: Tensor,
+    meta: list[Tensor],
+    bias: Tensor | None,
+    residual: Tensor | None,
+    out_features: int,
+    in_features: int,
+    activation: str,
+) -> Tensor:
+    """``bsmm``'s result in standard differentiable torch ops: the blocks scattered into the dense weight,
+    then ``F.linear``.  For ``torch.func`` transforms, which the op does not support (module docstring);
+    it costs a dense product and a dense weight per call.
+
+    Example:
+        >>> from sparsify.runtime import BlockSparseLayout
+        >>> lay = BlockSparseLayout.from_block_mask(torch.tensor([[True], [False]]), shape=(8, 4), block_size=4)
+        >>> meta = list(lay.metadata().values())
+        >>> loss = lambda v: bsmm_composite(torch.ones(2, 4), v, meta, None, None, 8, 4, "relu").sum()
+        >>> torch.func.grad(loss)(torch.ones(1, 4, 4)).shape   # the gradient of the stored block
+        torch.Size([1, 4, 4])
+    """
+    b = values.shape[-1]
+    w = dense_from_blocks(values, meta[2], meta[1], meta[0].numel() - 1, -(-in_features // b),
+                          (out_features, in_features))
+    y = activate(F.linear(x, w, bias), activation)
+    return y if residual is None else y + residual
 
 
 @bsmm.register_fake

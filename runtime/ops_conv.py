@@ -19,7 +19,9 @@ Each op has a fake implementation, and ``bsconv2d`` an autograd formula built
 from the other two, so block-sparse convolutions train, trace, compile and
 export.  :func:`conv_executor_for` picks the executor for a device: the CUDA
 one (NVRTC kernels, ``runtime/cuda/executor_conv.py``) where it can run, else
-the CPU reference (``runtime/executors/cpu_conv.py``).
+the CPU reference (``runtime/executors/cpu_conv.py``).  Under ``torch.func``
+transforms, which no custom op's autograd supports (``runtime.ops``), the
+modules run :func:`bsconv2d_composite` instead.
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ from torch import Tensor
 
 from .executors.cpu import ACTIVATIONS
 from .executors.cpu_conv import CPUConvExecutor, conv_output_size
-from .ops import _activation_grad  # the same recompute-and-differentiate as bsmm's backward
+from .ops import (
+    _activation_grad,  # the same recompute-and-differentiate as bsmm's backward
+    activate,
+    dense_from_blocks,
+)
 
-__all__ = ["bsconv2d", "bsconv2d_dx", "bsconv2d_dw", "conv_executor_for", "register_conv_executor"]
+__all__ = ["bsconv2d", "bsconv2d_dx", "bsconv2d_dw", "bsconv2d_composite", "conv_executor_for",
+           "register_conv_executor"]
 
 _META = ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _CPU = CPUConvExecutor()
@@ -264,3 +271,25 @@ def _backward(ctx, grad_out):
 
 
 bsconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bsconv2d_composite(x: Tensor, values: Tensor, meta: list[Tensor], bias: Tensor | None, residual: Tensor | None,
+                       out_channels: int, stride: list[int], padding: list[int], dilation: list[int],
+                       activation: str) -> Tensor:
+    """``bsconv2d``'s result in standard differentiable torch ops (the blocks scattered into the dense
+    weight, then ``F.conv2d``), for ``torch.func`` transforms (``runtime.ops.bsmm_composite``).
+
+    Example:
+        >>> from sparsify.runtime import BlockSparseLayout
+        >>> lay = BlockSparseLayout.from_block_mask(torch.tensor([[True, False]]), shape=(4, 8), block_size=4)
+        >>> meta = list(lay.metadata().values())
+        >>> loss = lambda v: bsconv2d_composite(torch.ones(1, 8, 5, 5), v, meta, None, None, 4, [1, 1], [1, 1],
+        ...                                     [1, 1], "none").sum()
+        >>> torch.func.grad(loss)(torch.ones(1, 4, 4, 3, 3)).shape
+        torch.Size([1, 4, 4, 3, 3])
+    """
+    b = values.shape[1]
+    w = dense_from_blocks(values, meta[2], meta[1], meta[0].numel() - 1, -(-x.shape[1] // b),
+                          (out_channels, x.shape[1]))
+    y = activate(torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation), activation)
+    return y if residual is None else y + residual

@@ -23,6 +23,10 @@ kernel per step (``cuda_src/lstm_gates.cuh``) where it is available.
 
 The input projection is not part of this op: it has ``T * N`` rows, so it runs
 as one large ``bsmm`` before the recurrence.
+
+Under ``torch.func`` transforms, which no custom op's autograd supports
+(``runtime.ops``), ``BlockSparseLSTM`` runs :func:`bslstm_recurrence_composite`:
+the same recurrence step by step in standard differentiable torch ops.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from torch import Tensor
 from .executors import executor_for
 from .executors.cpu import GATHER_FEW_ROWS_DENSITY, _gather_matmul, dense_weight
 from .layout import gather_blocks
+from .ops import dense_from_blocks
 
-__all__ = ["bslstm_recurrence", "bslstm_recurrence_backward", "lstm_gates_cpu", "register_gate_kernels"]
+__all__ = ["bslstm_recurrence", "bslstm_recurrence_backward", "bslstm_recurrence_composite", "lstm_gates_cpu",
+           "register_gate_kernels"]
 
 _META = ("row_offsets", "col_indices", "row_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _GATE_KERNELS: dict[str, object] = {}
@@ -295,3 +301,34 @@ def _backward(ctx, grad_hs, grad_cs, _grad_gates):
 
 
 bslstm_recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bslstm_recurrence_composite(xproj: Tensor, h0: Tensor, c0: Tensor, values: Tensor,
+                                meta: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(hs, cs)`` of ``bslstm_recurrence`` in standard differentiable torch ops, one step at a time
+    with ``W_hh`` scattered into a dense weight once: for ``torch.func`` transforms (module docstring).
+
+    Example:
+        >>> from sparsify.runtime import BlockSparseLayout
+        >>> lay = BlockSparseLayout.from_block_mask(torch.ones(4, 1, dtype=torch.bool), shape=(16, 4), block_size=4)
+        >>> meta = list(lay.metadata().values())
+        >>> xproj, h0, c0 = torch.randn(3, 2, 16), torch.zeros(2, 4), torch.zeros(2, 4)
+        >>> v = torch.randn(4, 4, 4)
+        >>> hs, cs = bslstm_recurrence_composite(xproj, h0, c0, v, meta)
+        >>> ref = torch.ops.sparsify.bslstm_recurrence(xproj, h0, c0, v, *meta)
+        >>> hs.shape, torch.allclose(hs, ref[0], atol=1e-6), torch.allclose(cs, ref[1], atol=1e-6)
+        (torch.Size([3, 2, 4]), True, True)
+    """
+    h4 = xproj.shape[-1]
+    hid = h4 // 4
+    b = values.shape[-1]
+    w = dense_from_blocks(values, meta[2], meta[1], meta[0].numel() - 1, -(-hid // b), (h4, hid))
+    h, c = h0, c0
+    hs, cs = [], []
+    for t in range(xproj.shape[0]):  # step t needs h_{t-1}
+        i, f, g, o = (xproj[t] + torch.nn.functional.linear(h, w)).chunk(4, dim=-1)  # nn.LSTM's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+        cs.append(c)
+    return torch.stack(hs), torch.stack(cs)

@@ -232,3 +232,26 @@ def test_builds_under_a_meta_device_context_and_loads_into_it():
     skeleton.load_state_dict(ref.state_dict())
     x = torch.randn(5, 2, 16)
     torch.testing.assert_close(skeleton(x)[0], ref(x)[0], rtol=0, atol=0)
+
+
+def test_a_model_that_calls_flatten_parameters_converts_and_runs():
+    # the usual RNN idiom (cuDNN / DataParallel): the converted layer had no flatten_parameters, so the
+    # model's forward raised and sparsify refused the model on its example inputs
+    import sparsify
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.LSTM(16, 32, num_layers=2, batch_first=True), nn.Linear(32, 8)
+
+        def forward(self, x):
+            self.rnn.flatten_parameters()
+            return self.head(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    model, x = Net().double().eval(), torch.randn(2, 5, 16, dtype=torch.float64)
+    sparse = sparsify.sparsify(model, method="block_sparse", density=1.0, block_size=16, min_size=0,
+                               example_inputs=(x,), dense_if_larger=False)
+    assert isinstance(sparse.rnn, BlockSparseLSTM)
+    assert rel_err(sparse(x), model(x)) < TOL  # density 1: the same function
+    assert sparse.rnn.mode == model.rnn.mode == "LSTM"

@@ -37,7 +37,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..layout import gather_blocks, scatter_blocks
 
-__all__ = ["CPUExecutor", "apply_epilogue", "choose_path", "dw_path", "rebuilt_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
+__all__ = ["CPUExecutor", "activate", "apply_epilogue", "choose_path", "dw_path", "rebuilt_path", "clear_dense_cache", "dense_weight", "fsdp2_in_use",
            "ACTIVATIONS", "PATHS"]
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -116,20 +116,27 @@ _DW_GATHER_BYTES = 4 << 20
 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta state", category=UserWarning)
 
 
+def activate(y: torch.Tensor, activation: str, inplace: bool = False) -> torch.Tensor:
+    """``activation`` (one of ``ACTIVATIONS``) applied to ``y``; ReLU in place with ``inplace=True``
+    (the composite forms under ``torch.func`` need every op out of place)."""
+    if activation == "relu":
+        return y.relu_() if inplace else F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    if activation != "none":
+        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    return y
+
+
 def apply_epilogue(y: torch.Tensor, bias, residual, activation: str) -> torch.Tensor:
     """``act(y + bias) + residual``, in place on ``y`` where that is safe."""
     if bias is not None:
         y = y.add_(bias)
-    if activation == "relu":
-        y = y.relu_()
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif activation == "silu":
-        y = F.silu(y)
-    elif activation != "none":
-        raise ValueError(f"Unknown activation {activation!r}; expected one of {ACTIVATIONS}.")
+    y = activate(y, activation, inplace=True)
     if residual is not None:
         y = y.add_(residual)
     return y
@@ -276,10 +283,12 @@ def fsdp2_in_use() -> bool:
 
 
 def _cacheable(values: torch.Tensor, static: bool) -> bool:
+    # (a jit trace would record a cached form as a constant of its graph, stale after a weight update)
     return (
         static
         and not fsdp2_in_use()
         and not torch.is_grad_enabled()
+        and not torch._C._is_tracing()  # torch.jit.is_tracing() without its wrapper
         and not torch._C._are_functorch_transforms_active()
         and not isinstance(values, torch._subclasses.FakeTensor)
     )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..runtime import ACTIVATIONS, BlockSparseLayout
-from ..runtime.ops import META_NAMES, bsmm_eager, eager_inference
+from ..runtime.ops import META_NAMES, bsmm_composite, bsmm_eager, eager_inference, functorch_active
 from .sparse_weight import autocast_operands, refresh_derived
 from .weight_view import LinearLike
 
@@ -188,9 +188,12 @@ class BlockSparseLinear(LinearLike, nn.Module):
         if eager_inference(x):
             return bsmm_eager(x, values, meta, bias, residual, self.out_features,
                               self.in_features, activation, static)
+        if functorch_active():  # torch.func.grad / vmap / jacrev: the op cannot run under them (runtime.ops)
+            return bsmm_composite(x, values, meta, bias, residual, self.out_features, self.in_features, activation)
         # Inside the op grad mode always reads False, so the module says whether the
         # weight is static: eval mode and grad off (writes through .data bypass versions).
-        static = static and not torch.is_grad_enabled()
+        # A jit trace records the flag as a constant of its graph, which later runs in any mode: never.
+        static = static and not torch.is_grad_enabled() and not torch.jit.is_tracing()
         return torch.ops.sparsify.bsmm(
             x, values, *meta, bias, residual, self.out_features, self.in_features,
             activation, None, static,

@@ -30,6 +30,8 @@ from ..runtime import (
     ops_conv,  # noqa: F401  (registers torch.ops.sparsify.bsconv2d*)
 )
 from ..runtime.executors.cpu_conv import dense_conv_weight
+from ..runtime.ops import functorch_active
+from ..runtime.ops_conv import bsconv2d_composite
 from .block_sparse import activation_module
 from .sparse_weight import BlockSparseParams, autocast_operands, init_block_sparse_
 from .weight_view import ConvLike
@@ -250,8 +252,12 @@ class _BlockSparseConvNd(ConvLike, BlockSparseParams, nn.Module):
         stride = list(self.stride) if self._nd == 2 else [1, self.stride[0]]
         dilation = list(self.dilation) if self._nd == 2 else [1, self.dilation[0]]
         res4 = None if residual is None else (residual if self._nd == 2 else residual.unsqueeze(2))
-        y = torch.ops.sparsify.bsconv2d(x4, values, *self._meta(), bias, res4, self.out_channels, stride, pad,
-                                        dilation, self.activation)
+        if functorch_active():  # torch.func.grad / vmap / jacrev: the op cannot run under them (runtime.ops)
+            y = bsconv2d_composite(x4, values, self._meta(), bias, res4, self.out_channels, stride, pad, dilation,
+                                   self.activation)
+        else:
+            y = torch.ops.sparsify.bsconv2d(x4, values, *self._meta(), bias, res4, self.out_channels, stride, pad,
+                                            dilation, self.activation)
         if self._nd == 1:
             y = y.squeeze(2)
         return y.squeeze(0) if unbatched else y

@@ -10,8 +10,11 @@ all steps; see ``sparsify.runtime.ops_lstm``).
 
 Supported like ``nn.LSTM``: ``num_layers``, ``bias``, ``batch_first``,
 ``dropout`` (between layers, training only), ``bidirectional``, initial states
-``(h0, c0)``, unbatched input.  Refused with the reason: ``proj_size > 0`` and
-``PackedSequence`` input.
+``(h0, c0)``, unbatched input, ``mode`` and ``flatten_parameters()`` (a no-op:
+no cuDNN buffer to pack).  Refused with the reason: ``proj_size > 0`` and
+``PackedSequence`` input.  Not provided: ``all_weights`` (the weights are
+``BlockSparseWeight`` modules, not ``[4H, in]`` parameters; iterate
+``sparse_weights()`` or ``named_parameters()``).
 
 Patterns (``pattern=``): a from-scratch pattern is drawn on the ``H x H`` grid of
 hidden-unit groups and shared by the four gates (the graph is over hidden
@@ -37,7 +40,8 @@ from ..runtime import (
     BlockSparseLayout,
     ops_lstm,  # noqa: F401  (registers torch.ops.sparsify.bslstm_recurrence)
 )
-from ..runtime.ops import META_NAMES
+from ..runtime.ops import META_NAMES, bsmm_composite, functorch_active
+from ..runtime.ops_lstm import bslstm_recurrence_composite
 from .sparse_weight import BlockSparseWeight, autocast_operands, init_block_sparse_
 
 __all__ = ["BlockSparseLSTM", "lstm_layouts"]
@@ -185,6 +189,22 @@ class BlockSparseLSTM(nn.Module):
             yield (getattr(self, f"weight_ih{sfx}"), getattr(self, f"weight_hh{sfx}"),
                    getattr(self, f"bias_ih{sfx}", None), getattr(self, f"bias_hh{sfx}", None))
 
+    #: As ``nn.LSTM.mode`` (code that handles RNNs generically reads it).
+    mode = "LSTM"
+
+    def flatten_parameters(self) -> None:
+        """Nothing to do; here because models call ``self.rnn.flatten_parameters()`` in their forward.
+
+        ``nn.LSTM`` copies its weights into one contiguous buffer for cuDNN's fused RNN kernel.  This
+        layer never calls cuDNN: each weight is its own ``[nnz, b, b]`` block tensor, read by the
+        block-sparse ops as it is, so there is nothing to flatten.
+
+        Example:
+            >>> lstm = BlockSparseLSTM(16, 32, density=0.5, block_size=16)
+            >>> lstm.flatten_parameters(); lstm.mode
+            'LSTM'
+        """
+
     def sparse_weights(self) -> list[BlockSparseWeight]:
         """Every block-sparse weight of the layer (dynamic sparsity updates them)."""
         return [w for ih, hh, _, _ in self._cells() for w in (ih, hh)]
@@ -290,6 +310,8 @@ class BlockSparseLSTM(nn.Module):
                     raise ValueError(f"BlockSparseLSTM: expected {name} of shape {want}. Got {tuple(s.shape)}.")
         cells = list(self._cells())
         rec = getattr(self, "_dynamic_record", None)
+        # torch.func.grad / vmap / jacrev: the ops cannot run under them (sparsify.runtime.ops)
+        composite = functorch_active()
         h_n, c_n = [], []
         layer_in = x
         for layer in range(self.num_layers):
@@ -301,11 +323,18 @@ class BlockSparseLSTM(nn.Module):
                 bias = None if b_ih is None else b_ih + b_hh
                 # under torch.autocast, every operand in its dtype, as nn.LSTM runs (the ops have no rule)
                 seq_a, ih_values, bias = autocast_operands(seq, ih.values, bias)
-                xproj = torch.ops.sparsify.bsmm(seq_a, ih_values, *[getattr(ih, m) for m in META_NAMES], bias, None,
-                                                4 * self.hidden_size, ih.shape[1], "none", None, False)
+                ih_meta, hh_meta = [getattr(ih, m) for m in META_NAMES], [getattr(hh, m) for m in META_NAMES]
+                if composite:
+                    xproj = bsmm_composite(seq_a, ih_values, ih_meta, bias, None, 4 * self.hidden_size, ih.shape[1],
+                                           "none")
+                else:
+                    xproj = torch.ops.sparsify.bsmm(seq_a, ih_values, *ih_meta, bias, None, 4 * self.hidden_size,
+                                                    ih.shape[1], "none", None, False)
                 xproj_a, h0k, c0k, hh_values = autocast_operands(xproj, h0[k], c0[k], hh.values)
-                hs, cs, _ = torch.ops.sparsify.bslstm_recurrence(
-                    xproj_a, h0k, c0k, hh_values, *[getattr(hh, m) for m in META_NAMES])
+                if composite:
+                    hs, cs = bslstm_recurrence_composite(xproj_a, h0k, c0k, hh_values, hh_meta)
+                else:
+                    hs, cs, _ = torch.ops.sparsify.bslstm_recurrence(xproj_a, h0k, c0k, hh_values, *hh_meta)
                 if rec is not None and xproj.requires_grad:  # dynamic sparsity (RigL) records its operands
                     r = rec[k] = {"x": seq.detach(), "h0": h0[k].detach(), "hs": hs.detach()}
                     xproj.register_hook(functools.partial(_accumulate_dxproj, r))

@@ -137,7 +137,7 @@ class ReconstructedWeightCache:
     """Mixin for the factorized modules: the weight rebuilt from the factors, cached for inference.
 
     ``_reconstructed_weight(x)`` returns ``to_dense()``; in eval mode, with grad
-    off, on a plain tensor and outside tracing / ``torch.compile``, the result is
+    off, on a plain tensor and outside tracing (fx, ``torch.jit.trace``) / ``torch.compile``, the result is
     kept on the module, keyed by the ``_version`` and ``data_ptr()`` of every
     factor parameter and the process's optimizer step count (a fused optimizer bumps no
     version), so inference pays for the rebuild once per weight change
@@ -153,8 +153,11 @@ class ReconstructedWeightCache:
         return [p for n, p in self.named_parameters() if n != "bias"]
 
     def _reconstructed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        # (a jit trace would bake a cached weight into its graph as a constant; under torch.func
+        # transforms the factors may be wrapped, batched tensors that must not outlive the transform)
         if (self.training or type(x) is not torch.Tensor or torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or fsdp2_in_use()):
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active() or fsdp2_in_use()):
             return self.to_dense()
         key = (optimizer_steps(), *((p._version, p.data_ptr()) for p in self._weight_factors()))
         hit = self.__dict__.get("_weight_cache")

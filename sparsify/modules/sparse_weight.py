@@ -38,11 +38,18 @@ def autocast_operands(x: torch.Tensor, *tensors: torch.Tensor | None) -> tuple:
     """``(x, *tensors)`` in ``torch.autocast``'s dtype where it is on for ``x``'s device (as ``nn.Linear`` /
     ``nn.Conv2d`` take their input and weight), else unchanged.  The block-sparse ops have no autocast
     rule of their own: under autocast a bfloat16 activation met a float32 ``values`` and the op refused
-    the mixed dtypes.  The cast is differentiable, so the stored blocks still train in their own dtype."""
+    the mixed dtypes.  The cast is differentiable, so the stored blocks still train in their own dtype.
+    A device type autocast does not know (``meta``) has no autocast state: asking raises, so nothing is cast."""
     if not isinstance(x, torch.Tensor):  # an fx Proxy while tracing: nothing to cast
         return (x, *tensors)
     dev = x.device.type
-    if not x.is_floating_point() or not torch.is_autocast_enabled(dev):
+    if not x.is_floating_point():
+        return (x, *tensors)
+    try:  # (free when nothing raises; torch.amp.is_autocast_available costs ~250 ns a call)
+        enabled = torch.is_autocast_enabled(dev)
+    except RuntimeError:  # "unknown device type for autocast": meta, or a backend without autocast
+        return (x, *tensors)
+    if not enabled:
         return (x, *tensors)
     dt = torch.get_autocast_dtype(dev)
     return tuple(t if t is None or not t.is_floating_point() or t.dtype == dt else t.to(dt) for t in (x, *tensors))
