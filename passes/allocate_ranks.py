@@ -43,8 +43,9 @@ It also plans what needs the weights for ``block_sparse`` and ``low_rank``
    (exact for uncorrelated inputs), scaled by the ratio of the error after the
    least-squares refit to it, measured at a few counts and interpolated.
 5. **never larger than dense** (``dense_if_larger=True``, the default): a
-   block-sparse layer whose kept blocks (padding included) hold more elements
-   than the dense weight, and a low-rank layer whose rank is above break-even
+   block-sparse layer (Linear, conv or nn.LSTM, any pattern) whose kept blocks
+   (padding included, a conv's blocks times its taps) hold more elements than
+   the dense weight, and a low-rank layer whose rank is above break-even
    (``r (in + out) > in out``), stay dense with the reason, ranks as asked
    (never silently clamped).
 
@@ -544,18 +545,57 @@ def _block_elements(d) -> int:
 
 
 # ------------------------------------------------------------ never larger than dense
+def _block_sparse_size(d, site: LayerSite | None) -> tuple[int, int, str] | None:
+    """``(weight elements the block-sparse layer of d stores, the dense layer's, what the blocks are)``,
+    counted as the layer stores them: a Linear ``nnz`` blocks ``b x b``; a conv ``nnz`` channel blocks
+    ``b x b`` times its taps; an nn.LSTM its stacked ``W_ih`` / ``W_hh`` of every layer and direction.
+    Blocks cover padded rows and columns, so a thin weight (3 input channels at b=32) stores far more
+    than it holds.  None for a layer ``block_sparsify_layers`` refuses (it says why itself)."""
+    from ..patterns import pattern_blocks, target_blocks
+    from .block_sparsify_layers import _refusal
+
+    p = d.params
+    b, density = p["block_size"], float(p["density"])
+    magnitude = p.get("layout", "magnitude") == "magnitude"
+
+    def blocks(rows: int, cols: int, gates: int = 1) -> int:
+        # magnitude: one layout over the whole (stacked) weight; from-scratch: one pattern per gate, stacked
+        if magnitude:
+            return target_blocks(-(-gates * rows // b), -(-cols // b), density)
+        return gates * pattern_blocks(-(-rows // b), -(-cols // b), density)
+
+    if d.layer_type in ("Conv1d", "Conv2d", "LSTM") and (site is None or _refusal(site, p) is not None):
+        return None
+    if d.layer_type == "LSTM":
+        m = site.module
+        dirs, h = (2 if m.bidirectional else 1), m.hidden_size
+        stored = dense = 0
+        for layer in range(m.num_layers):
+            for cols in (m.input_size if layer == 0 else h * dirs, h):
+                stored += dirs * blocks(h, cols, gates=4) * b * b
+                dense += dirs * 4 * h * cols
+        return stored, dense, f"{b}x{b} blocks"
+    if d.layer_type in ("Conv1d", "Conv2d"):
+        out_c, in_c, *kernel = d.weight_shape
+        taps = math.prod(kernel)
+        return (blocks(out_c, in_c) * b * b * taps, math.prod(d.weight_shape),
+                f"{b}x{b} channel blocks over {taps} kernel taps")
+    out_f, in_f = d.weight_shape[0], math.prod(d.weight_shape[1:])
+    return blocks(out_f, in_f) * b * b, out_f * in_f, f"{b}x{b} blocks"
+
+
 def _larger_than_dense(plan, ctx: PassContext, sites: dict) -> None:
     if not getattr(ctx.config, "dense_if_larger", True):
         return
     data = getattr(ctx, "calibration", None)
     for d in plan.decisions:
-        if linear_block_sparse(d):
-            stored = _block_elements(d)
-            dense = math.prod(d.weight_shape)
-            if stored > dense:
-                b = d.params["block_size"]
-                d.reason += (f"; left dense: at density {d.params['density']:g} its {b}x{b} blocks hold {stored} "
-                             f"elements (padding included), more than the dense weight's {dense}")
+        if d.method == "block_sparse":
+            size = _block_sparse_size(d, sites.get((d.name, d.node)))
+            if size is not None and size[0] > size[1]:
+                stored, dense, what = size
+                d.reason += (f"; left dense: at density {d.params['density']:g} its {what} hold {stored} elements "
+                             f"(padding included), more than the dense {'weights' if d.layer_type == 'LSTM' else 'weight'}"
+                             f"'s {dense}; dense_if_larger=False converts it anyway")
                 d.method, d.params = "dense", {}
         elif d.method == "low_rank":
             p = d.params

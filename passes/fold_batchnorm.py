@@ -4,7 +4,9 @@ The folded layer is a new module (``torch.nn.utils.fusion``), so the user's
 modules are never changed.  Only a BatchNorm that is in eval mode, follows a
 layer whose output nothing else reads, and has running statistics is folded;
 after a Linear, only when the example inputs show a 2-D output (BatchNorm1d
-normalizes dim 1).
+normalizes dim 1).  A pair with hooks that would see other tensors after folding (any
+forward / backward hook on the BatchNorm, a forward or backward hook on the layer) is
+not folded; the layer's forward pre-hooks move to the folded layer.
 Needs an fx graph: the graph being rewritten (``graph=True``), or the fx analysis
 graph of the user's model, where the folded layer replaces the Linear / Conv and
 an ``nn.Identity`` the BatchNorm.  With a torch.export analysis or none it does
@@ -17,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .hooks import carry_hooks, has_call_hooks
 from .infra import PassContext, PassResult, set_submodule
 
 __all__ = ["fold_batchnorm"]
@@ -57,6 +60,11 @@ def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
             continue
         if bn.training or not bn.track_running_stats or bn.running_mean is None:
             continue
+        if has_call_hooks(bn) or has_call_hooks(layer, pre=False):
+            # a hook on the BatchNorm, or one that sees the layer's output or gradients, would see other tensors
+            ctx.notes.append(f"BatchNorm {node.target!r} not folded into {prev.target!r}: hooks registered on "
+                             "them would see other tensors")
+            continue
         # A layer or BatchNorm reused elsewhere cannot absorb this one's statistics.
         if calls.get(prev.target, 0) != 1 or calls.get(node.target, 0) != 1:
             continue
@@ -76,6 +84,7 @@ def fold_batchnorm(module: nn.Module, ctx: PassContext) -> PassResult:
             if layer.training:
                 continue
             fused = fuse_conv_bn_eval(layer, bn)
+        carry_hooks(layer, fused)  # forward pre-hooks and state-dict hooks (the ones the check above allows)
         set_submodule(module, prev.target, fused)
         if gm is not module:  # the user's model keeps its BatchNorm attribute, as an identity
             set_submodule(module, node.target, nn.Identity())

@@ -8,8 +8,9 @@ fused.  In graph mode (``graph=True``) both fusions are graph surgery.  On the
 user's model only an activation *module* called once, right after the layer,
 is fused (the layer takes the activation, the activation module becomes
 ``nn.Identity``); a residual add or a functional activation lives in the
-model's code and stays there.  Needs an fx graph (the one rewritten, or the fx
-analysis graph); otherwise it does nothing.
+model's code and stays there.  A layer or activation module with hooks is not
+fused: the hooks would see the fused result, or never run.  Needs an fx graph
+(the one rewritten, or the fx analysis graph); otherwise it does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.block_sparse import BlockSparseLinear
+from .hooks import has_call_hooks
 from .infra import PassContext, PassResult, set_submodule
 
 __all__ = ["fuse_epilogues"]
@@ -52,6 +54,15 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+def _hooked(name: str, modules: list[nn.Module], what: str, ctx: PassContext) -> bool:
+    """Whether hooks forbid a fusion: a hook on the layer would see the fused result (and a forward
+    pre-hook the residual as a second input); one on the activation module would never run."""
+    if not any(has_call_hooks(m) for m in modules):
+        return False
+    ctx.notes.append(f"{name!r} not fused with {what}: hooks registered on them would see other tensors or none")
+    return True
+
+
 def _meta(node) -> object | None:
     return node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
 
@@ -79,7 +90,7 @@ def fuse_epilogues(module: nn.Module, ctx: PassContext) -> PassResult:
         if user.op != "call_module" or calls.get(user.target) != 1:
             continue
         act = _activation_of(module, user)
-        if act is None:
+        if act is None or _hooked(node.target, [layer, module.get_submodule(user.target)], "its activation", ctx):
             continue
         layer.activation = act
         set_submodule(module, user.target, nn.Identity())
@@ -107,7 +118,8 @@ def _fuse_in_graph(module: fx.GraphModule, ctx: PassContext) -> PassResult:
         if len(tail.users) == 1:
             (user,) = tail.users
             act = _activation_of(gm, user)
-            if act is not None:
+            hooked = [layer] + ([gm.get_submodule(user.target)] if user.op == "call_module" else [])
+            if act is not None and not _hooked(node.target, hooked, "its activation", ctx):
                 layer.activation = act
                 user.replace_all_uses_with(node)
                 gm.graph.erase_node(user)
@@ -121,7 +133,8 @@ def _fuse_in_graph(module: fx.GraphModule, ctx: PassContext) -> PassResult:
                 other = user.args[1] if user.args[0] is node else user.args[0]
                 mo, mn = _meta(other), _meta(node)
                 if (isinstance(other, fx.Node) and other is not node and mo is not None and mn is not None
-                        and tuple(mo.shape) == tuple(mn.shape) and mo.dtype == mn.dtype):
+                        and tuple(mo.shape) == tuple(mn.shape) and mo.dtype == mn.dtype
+                        and not _hooked(node.target, [layer], "the residual add after it", ctx)):
                     node.args = (node.args[0], other)
                     # the residual must be computed before the fused call
                     _move_before(other, node)

@@ -62,7 +62,7 @@ def carry_out(
         note = d.result.pop("note", None)  # what the conversion changed of what was asked
         if note:
             d.reason += f"; {note}"
-        d.result["module"] = install_module(module, site, new)
+        d.result["module"] = install_module(module, site, new, ctx.notes)
         d.params_after = param_count(new) + site.kept_bias
         d.bytes_after = weight_bytes(new) + site.kept_bias * site.weight.element_size()
         in_shape, out_shape = ctx.shapes.get(d.node or d.name, (None, None))

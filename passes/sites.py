@@ -305,7 +305,7 @@ def _free_name(owner: nn.Module, base: str) -> str:
     return name
 
 
-def install_module(root: nn.Module, site: LayerSite, new: nn.Module) -> str:
+def install_module(root: nn.Module, site: LayerSite, new: nn.Module, notes: list[str] | None = None) -> str:
     """Put ``new`` where ``site`` was; return its qualified name.
 
     * module sites: ``new`` replaces the module under its own name;
@@ -315,8 +315,22 @@ def install_module(root: nn.Module, site: LayerSite, new: nn.Module) -> str:
       weight (``<weight>_rewritten``) and the call becomes a call of it;
     * functional sites in the model: ``new`` is registered beside the weight, and
       the weight's attribute reads the layer's dense view (see ``modules.functional``).
+
+    A module that is replaced hands its hooks to its replacement (``hooks.carry_hooks``);
+    what could not be carried is said in ``notes``.
     """
+    from .hooks import carry_hooks, clear_call_hooks
     from .infra import set_submodule
+
+    def replace(qualname: str, old: nn.Module | None, new: nn.Module, owner: nn.Module | None = None) -> None:
+        left = carry_hooks(old, new) if old is not None else []
+        if left and notes is not None:
+            notes.append(f"{qualname!r}: the hooks of torch's weight reparametrization ({', '.join(sorted(set(left)))}) "
+                         "were not carried to the rewritten layer, which holds the weight they computed at conversion")
+        if owner is None:
+            set_submodule(root, qualname, new)
+        else:
+            setattr(owner, qualname.rpartition(".")[2], new)
 
     if site.transposed:
         new.weight_transposed = True
@@ -327,18 +341,23 @@ def install_module(root: nn.Module, site: LayerSite, new: nn.Module) -> str:
 
         mha = root.get_submodule(site.mha) if site.mha else root
         if not isinstance(mha, SparseMultiheadAttention):
-            mha_new = SparseMultiheadAttention.from_mha(mha)
-            if site.mha:
-                set_submodule(root, site.mha, mha_new)
-            else:
+            if not site.mha:
                 raise ValueError("sparsify: the model itself is an nn.MultiheadAttention; wrap it in a module "
                                  "to rewrite its projections.")
+            mha_new = SparseMultiheadAttention.from_mha(mha)
+            # nn.MultiheadAttention never calls out_proj, so hooks on it never ran; the new module calls it
+            silenced = clear_call_hooks(mha_new.out_proj)
+            if silenced and notes is not None:
+                notes.append(f"{site.mha + '.out_proj'!r}: {silenced} forward / backward hook(s) removed: "
+                             "nn.MultiheadAttention never calls out_proj, so they never ran; "
+                             "SparseMultiheadAttention calls it and they would")
+            replace(site.mha, mha, mha_new)
             mha = mha_new
         attr = site.name.rpartition(".")[2]
-        setattr(mha, attr, new)
+        replace(site.name, getattr(mha, attr), new, owner=mha)
         return site.name
     if not site.functional:
-        set_submodule(root, site.name, new)
+        replace(site.name, root.get_submodule(site.name), new)
         return site.name
     parent, _, attr = site.name.rpartition(".")
     owner = root.get_submodule(parent) if parent else root

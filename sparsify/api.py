@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -106,7 +107,7 @@ def sparsify(
         raise ValueError("sparsify(graph=True): the fx graph takes positional inputs; give example_inputs "
                          "as a tuple, not a dict.")
     with standard_attention():  # the original and the converted model run the same arithmetic
-        work = model if inplace else copy.deepcopy(model)
+        work = model if inplace else _copy_model(model, "sparsify")
         dense = hf_save.dense_record(work)  # what a converted HF model's save_pretrained must not pass for
         cap = capture(work, args if args is not None or kwargs else None, graph=graph, example_kwargs=kwargs)
         ctx = PassContext(config=cfg, example_inputs=args, example_kwargs=kwargs, traced=cap.traced,
@@ -197,6 +198,52 @@ def _measure(reference: nn.Module | None, out: nn.Module, plan: Plan, calib, cfg
                   "layers (a Rule with a higher density / rank, or skip=True).", CalibrationWarning, stacklevel=3)
 
 
+#: torch's reparametrizations that keep a computed (non-leaf) weight on the module, and how to undo them.
+_NON_LEAF_WEIGHTS = {
+    "torch.nn.utils.prune": "torch.nn.utils.prune.remove(module, name) makes the pruned weight a plain parameter",
+    "torch.nn.utils.weight_norm": ("torch.nn.utils.remove_weight_norm(module) makes it a plain parameter, or "
+                                   "torch.nn.utils.parametrizations.weight_norm (which copies) replaces it"),
+}
+
+
+def _copy_model(model: nn.Module, who: str = "sparsify") -> nn.Module:
+    """``copy.deepcopy(model)``, or an :class:`~sparsify.errors.InputError` saying which weights
+    cannot be copied and what to do, where torch refuses to copy a tensor computed by autograd
+    (``torch.nn.utils.prune``, the old ``torch.nn.utils.weight_norm``).
+
+    Example:
+        >>> from torch.nn.utils import prune
+        >>> m = torch.nn.Linear(4, 4)
+        >>> _ = prune.l1_unstructured(m, "weight", amount=0.5)
+        >>> _copy_model(m)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        sparsify.errors.InputError: sparsify: cannot copy the model: weight (torch.nn.utils.prune) is a tensor ...
+    """
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "deepcopy protocol" not in str(exc):
+            raise
+        from .errors import InputError
+
+        where, fixes = [], {}
+        for name, m in model.named_modules():
+            tools = {type(h).__module__ for h in m._forward_pre_hooks.values()} & set(_NON_LEAF_WEIGHTS)
+            for attr, v in vars(m).items():
+                if isinstance(v, torch.Tensor) and not v.is_leaf:
+                    where.append(f"{name + '.' if name else ''}{attr} ({', '.join(sorted(tools)) or 'computed'})")
+                    fixes.update({t: _NON_LEAF_WEIGHTS[t] for t in tools})
+        shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
+        todo = "; ".join(fixes.values()) or "make those attributes plain parameters or buffers"
+        raise InputError(
+            f"{who}: cannot copy the model: {shown or 'some module attributes'} "
+            f"{'is a tensor' if len(where) == 1 else 'are tensors'} computed by autograd, "
+            f"which copy.deepcopy refuses (torch: {str(exc).split('.')[0]}). {who}() works on a copy of the model. "
+            f"Undo the reparametrization first: {todo}; or convert the model itself with "
+            "sparsify(..., inplace=True) (the layers converted keep the weight it computes now).") from exc
+
+
 def _reflatten_rnns(model: nn.Module) -> None:
     """Put the weights of every torch RNN (kept, or made by densify) back into one contiguous
     buffer.  ``copy.deepcopy`` copies them one by one; on CUDA, cuDNN then warns that they are
@@ -216,7 +263,9 @@ def densify(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every rewritten layer replaced by its exact dense equivalent.
 
     ``densify(sparsify(m))`` computes what ``m`` computes with each layer's
-    mask or reconstruction applied, and is of ``m``'s class.
+    mask or reconstruction applied, and is of ``m``'s class.  Hooks registered on a
+    rewritten layer move to its dense equivalent, as ``sparsify`` moved them from the
+    dense layer.
 
     Example:
         >>> import torch, sparsify
@@ -225,19 +274,24 @@ def densify(module: nn.Module) -> nn.Module:
         'Linear'
     """
     from .modules.functional import functional_weights, restore_parameter
+    from .passes.hooks import carry_hooks
 
-    out = copy.deepcopy(module)
+    out = _copy_model(module, "densify")
     if isinstance(out, fx.GraphModule):
         graph = out.graph
         for node in list(graph.nodes):
             if node.op != "call_module":
                 continue
-            new = _dense_replacement(out.get_submodule(node.target))
+            layer = out.get_submodule(node.target)
+            new = _dense_replacement(layer)
             if new is None:
                 continue
             parent, _, attr = node.target.rpartition(".")
+            carry_hooks(layer, new)
             setattr(out.get_submodule(parent) if parent else out, attr, new)
-            if len(node.args) > 1:  # a fused residual: call the dense layer, then add
+            # a fused residual (fuse_epilogues): call the dense layer, then add; an attention's
+            # (query, key, value) are its own arguments
+            if len(node.args) > 1 and "residual" in inspect.signature(layer.forward).parameters:
                 x, residual = node.args[0], node.args[1]
                 node.args = (x,)
                 with graph.inserting_after(node):
@@ -257,6 +311,7 @@ def densify(module: nn.Module) -> nn.Module:
                 continue  # inside a module already replaced as a whole
             new = _dense_replacement(m)
             if new is not None:
+                carry_hooks(m, new)
                 parent, _, attr = name.rpartition(".")
                 setattr(out.get_submodule(parent) if parent else out, attr, new)
                 replaced.append(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 from torch import nn
 
 from .decision import Decision, Plan
@@ -17,20 +18,57 @@ from .methods import METHODS
 from .passes.infra import PassContext
 from .passes.sites import find_sites, param_owners
 
-__all__ = ["plan_model"]
+__all__ = ["plan_model", "output_embedding"]
 
 
-def _site_decision(site, config, owners, tie_counts, used_rules) -> Decision:
+def output_embedding(model: nn.Module) -> str | None:
+    """The qualified name of a Hugging Face model's output embedding (``get_output_embeddings()``:
+    ``lm_head``, ``cls.predictions.decoder``...), or None.
+
+    Example:
+        >>> class LM(nn.Sequential):
+        ...     def get_output_embeddings(self):
+        ...         return self[1]
+        >>> output_embedding(LM(nn.Linear(4, 4), nn.Linear(4, 9))), output_embedding(nn.Linear(4, 4))
+        ('1', None)
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        head = get()
+    except Exception:  # a model class without a head may raise (NotImplementedError, AttributeError)
+        return None
+    if not isinstance(head, nn.Module):
+        return None
+    return next((n for n, m in model.named_modules() if m is head and n), None)
+
+
+def _stored_parameters(site) -> list[torch.Tensor]:
+    """What a site's row counts: a module layer's parameters (for a parametrized weight, as
+    ``torch.nn.utils.parametrizations.weight_norm`` makes, the originals it is computed from, not the
+    computed weight, which is no parameter); for a projection or a functional use, its weight and bias."""
+    if site.module is not None and site.mha is None:
+        return list(site.module.parameters())
+    return [t for t in (site.weight, site.bias) if t is not None]
+
+
+def _names_it(rule, name: str) -> bool:
+    """A rule asks for this very layer: its pattern is the layer's qualified name (no glob, no type)."""
+    return rule is not None and rule.pattern == name
+
+
+def _site_decision(site, config, owners, tie_counts, used_rules, head: str | None = None) -> Decision:
     w = site.weight
-    bias_n = site.bias.numel() if site.bias is not None else 0
+    stored = _stored_parameters(site)
     d = Decision(
         name=site.name,
         layer_type=site.display_type,
         weight_shape=tuple(w.shape),
         method="dense",
         node=site.nodes[0].name if site.functional else None,
-        params_before=w.numel() + bias_n,
-        bytes_before=w.numel() * w.element_size() + (bias_n * site.bias.element_size() if bias_n else 0),
+        params_before=sum(p.numel() for p in stored),
+        bytes_before=sum(p.numel() * p.element_size() for p in stored),
     )
     d.params_after, d.bytes_after = d.params_before, d.bytes_before
     where = f" ({site.detail})" if site.detail else ""
@@ -54,6 +92,11 @@ def _site_decision(site, config, owners, tie_counts, used_rules) -> Decision:
         d.reason = "the weight is also used outside this linear call; left dense"
     elif site.functional and site.bias_name is not None and len(owners.get(id(site.bias), [])) > 1:
         d.reason = "the bias is shared with another layer; left dense"
+    elif site.name == head and site.module is not None and not _names_it(rule, site.name):
+        d.reason = (f"the model's output embedding (get_output_embeddings()): left dense by default, as SparseGPT, "
+                    "Wanda and GPTQ leave it: every logit is computed by it, so compressing it costs accuracy out "
+                    "of proportion to its size, and Hugging Face's resize_token_embeddings() needs an nn.Linear "
+                    f"there; a rule naming it, Rule({site.name!r}, ...), converts it")
     else:
         d.method = method
         d.params = params
@@ -82,8 +125,8 @@ _NOT_TAKEN = {
 def _other_weights(module: nn.Module, sites, traced: bool, how: str) -> list[Decision]:
     """A dense row for every 2-D or conv weight that is not a site, with the reason."""
     covered = {id(s.param) for s in sites}
-    # a site that stands for a whole layer (nn.LSTM) covers all of its weights
-    covered |= {id(p) for s in sites if s.layer_type == "LSTM" for p in s.module.parameters()}
+    # a module site's row counts all of its parameters (an nn.LSTM's, a parametrized weight's originals)
+    covered |= {id(p) for s in sites for p in _stored_parameters(s)}
     rows = []
     seen: set[int] = set()
     for mname, m in module.named_modules():
@@ -115,7 +158,8 @@ def plan_model(module: nn.Module, ctx: PassContext) -> Plan:
     owners = param_owners(module)
     tie_counts = Counter(s.tie_key for s in sites)
     used_rules: set[int] = set()
-    decisions = [_site_decision(site, config, owners, tie_counts, used_rules) for site in sites]
+    head = output_embedding(module)
+    decisions = [_site_decision(site, config, owners, tie_counts, used_rules, head) for site in sites]
     if config.strict:
         for i, r in enumerate(config.rules):
             if id(r) in used_rules:

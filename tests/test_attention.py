@@ -106,6 +106,30 @@ def test_mha_attributes_read_as_the_dense_tensors_and_densify_returns_torch_mha(
         assert torch.allclose(sm.in_proj_weight * 1, back.in_proj_weight, atol=1e-7)
 
 
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def test_graph_mode_converts_attention_and_densify_calls_it_with_its_three_inputs():
+    # densify of an fx graph once read any call with two or more inputs as a fused residual add
+    torch.manual_seed(0)
+    model = _SelfAttention().eval()
+    x = torch.randn(5, 2, E)
+    gm = sparsify.sparsify(model, density=1.0, block_size=8, min_size=0, example_inputs=(x,), graph=True,
+                           dense_if_larger=False)
+    assert isinstance(gm, torch.fx.GraphModule) and isinstance(gm.attn, SparseMultiheadAttention)
+    back = sparsify.densify(gm)
+    assert type(back.attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        want = model(x)
+        assert rel(gm(x), want) < 1e-5 and rel(back(x), want) < 1e-5
+
 def test_encoder_layer_fast_path_is_not_taken_around_rewritten_projections():
     """The fused fast path would read the dense weights and bypass the rewritten layers."""
     torch.manual_seed(0)

@@ -187,7 +187,8 @@ ZOO: dict[str, Entry] = {e.name: e for e in [
     # GPT-2: c_attn, c_proj, c_fc, mlp.c_proj (HF Conv1D) x 2; lm_head is tied to wte
     Entry("gpt2", gpt2, 8, causal_lm=True),
     # Llama: q, k, v, o, gate, up, down x 2 + lm_head (untied)
-    Entry("llama", llama, 15, causal_lm=True),
+    # q, k, v, o, gate, up, down x 2; the untied lm_head (the output embedding) stays dense
+    Entry("llama", llama, 14, causal_lm=True),
     # T5: encoder q,k,v,o,wi,wo x 2 + decoder (self q,k,v,o + cross q,k,v,o + wi, wo) x 2; lm_head tied
     Entry("t5", t5, 12 + 20),
     # ViT: q, k, v, attention.output, intermediate, output x 2 (+ pooler); + the patch embedding conv
