@@ -121,3 +121,41 @@ def test_unique_with_index_equals_the_sorted_unique_and_a_fresh_index(d, n, stri
     assert torch.equal(index.lookup(q), fresh.lookup(q))
     where = {tuple(r): i for i, r in enumerate(c[uniq].tolist())}
     assert index.lookup(q).tolist() == [where.get(tuple(r), -1) for r in q.tolist()]
+
+
+def _c(rows):
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def test_a_strided_layer_makes_its_own_map_not_another_tensors_at_that_stride():
+    """A tensor created at stride 2 on the same manager is not xa's downsampling (it used to be taken
+    as the output of xa's stride-2 conv: xb's coordinates, and a max pool of 0.0)."""
+    xa = ME.SparseTensor(torch.ones(2, 1), _c([[0, 0, 0], [0, 9, 9]]))
+    ME.SparseTensor(torch.ones(1, 1), _c([[0, 4, 4]]), tensor_stride=2, coordinate_manager=xa.coordinate_manager)
+    y = ME.MinkowskiConvolution(1, 1, kernel_size=2, stride=2, dimension=2)(xa)
+    p = ME.MinkowskiMaxPooling(kernel_size=2, stride=2, dimension=2)(xa)
+    for t in (y, p):
+        assert sorted(t.C.tolist()) == [[0, 0, 0], [0, 8, 8]]
+    assert p.F.squeeze(1).tolist() == [1.0, 1.0]
+
+
+def test_a_transposed_layer_returns_to_the_map_its_input_was_downsampled_from():
+    """Two tensors on one manager (as SHARE_COORDINATE_MANAGER makes), a pruned tensor, and a field
+    made sparse twice: up(down(x)) lands on x's own coordinates (it used to land on the first map at
+    that stride, silently)."""
+    down = ME.MinkowskiConvolution(1, 1, kernel_size=2, stride=2, dimension=2)
+    up = ME.MinkowskiConvolutionTranspose(1, 1, kernel_size=2, stride=2, dimension=2)
+    xa = ME.SparseTensor(torch.ones(2, 1), _c([[0, 0, 0], [0, 5, 5]]))
+    xb = ME.SparseTensor(torch.ones(3, 1), _c([[0, 1, 1], [0, 6, 6], [0, 7, 7]]),
+                         coordinate_manager=xa.coordinate_manager)
+    for x in (xa, xb):
+        z = up(down(x))
+        assert z.coordinate_map_key == x.coordinate_map_key
+        assert ME.cat(x, z).F.shape == (len(x), 2)
+    x = ME.SparseTensor(torch.arange(4.0)[:, None], _c([[0, 0, 0], [0, 1, 0], [0, 4, 4], [0, 5, 5]]))
+    pruned = ME.MinkowskiPruning()(x, torch.tensor([True, True, False, False]))
+    assert sorted(up(down(pruned)).C.tolist()) == [[0, 0, 0], [0, 1, 0]]
+    field = ME.TensorField(torch.ones(3, 1), _c([[0, 0, 0], [0, 3, 3], [0, 4, 4]]))
+    for _ in range(2):
+        s = field.sparse()
+        assert ME.cat(s, up(down(s))).F.shape == (len(s), 2)

@@ -108,6 +108,9 @@ class CoordinateManager:
         self.D = D
         self.minkowski_algorithm = minkowski_algorithm
         self._maps: dict[CoordinateMapKey, CoordinateMap] = {}
+        # lineage of strided maps: (input key, tensor stride) -> the map stride() made, and back
+        self._strided: dict[tuple[CoordinateMapKey, tuple[int, ...]], CoordinateMapKey] = {}
+        self._parent: dict[CoordinateMapKey, CoordinateMapKey] = {}
         self._kernel_maps: dict[tuple, KernelMap] = {}
         self._ids = itertools.count(1)
         self._field_maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -185,16 +188,30 @@ class CoordinateManager:
         if all(s == 1 for s in stride):
             return in_key
         ts = tuple(a * b for a, b in zip(in_key.tensor_stride, stride))
-        out_key = CoordinateMapKey(ts, string_id or in_key.string_id)
-        if out_key not in self._maps:
+        # Reused only if made from this very map: another map at the same stride (a tensor created
+        # at that stride on this manager) is not this one's downsampling.
+        out_key = self._strided.get((in_key, ts))
+        if out_key is None:
             src = self.coordinate_map(in_key).coordinates
             strided = stride_coordinates(src, ts, where)
             uniq, _, index = CoordinateIndex.build_unique(strided, ts, ts)
             cmap = CoordinateMap(strided[uniq], ts)
             if index is not None:
                 cmap.adopt_index(index)
+            out_key = self._new_key(ts, string_id or in_key.string_id)
             self._maps[out_key] = cmap
+            self._strided[(in_key, ts)] = out_key
+            self._parent[out_key] = in_key
         return out_key
+
+    def finer(self, key: CoordinateMapKey, tensor_stride: tuple[int, ...]) -> CoordinateMapKey | None:
+        """The map at ``tensor_stride`` that ``key`` was downsampled from (through :meth:`stride`,
+        any number of times), or None if ``key`` was not made that way."""
+        while key in self._parent:
+            key = self._parent[key]
+            if key.tensor_stride == tuple(tensor_stride):
+                return key
+        return None
 
     def transposed_stride(self, in_key: CoordinateMapKey, stride: Sequence[int]) -> tuple[int, ...]:
         stride = as_stride(stride, self.D)
@@ -211,6 +228,10 @@ class CoordinateManager:
         """MinkowskiEngine's ``stride_region``: the map at ``out_stride`` if it exists and no
         expansion is asked for; else every (aligned, unless transposed) ``coord + offset``.
         ``where`` (the layer asking) names the error when one would leave int32."""
+        if is_transpose and not expand_coordinates:
+            back = self.finer(in_key, tuple(out_stride))  # the map the matching downsampling came from
+            if back is not None:
+                return back
         out_key = CoordinateMapKey(tuple(out_stride), "")
         if out_key in self._maps and not expand_coordinates:
             return out_key
